@@ -1,0 +1,47 @@
+"""Kernel backends for the sparse LSTM GEMMs, chosen by a rule list.
+
+A backend is an object with the methods of :class:`ReferenceBackend` (each one a GEMM of the
+sparse LSTM, by name). :func:`select_backend` walks the registered rules in order; the first
+that returns a backend for the device/dtype wins; the reference backend comes last and
+always applies, so a missing kernel never raises.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .reference import ReferenceBackend
+
+__all__ = ["ReferenceBackend", "register_backend_rule", "select_backend", "REFERENCE"]
+
+REFERENCE = ReferenceBackend()
+
+# Each rule: (name, fn(device, dtype) -> backend or None). First non-None wins.
+_RULES: list[tuple[str, Callable[[torch.device, torch.dtype], Optional[object]]]] = []
+
+
+def register_backend_rule(
+    name: str, rule: Callable[[torch.device, torch.dtype], Optional[object]], *, first: bool = True
+) -> None:
+    """Register a backend rule. ``rule`` returns a backend object or ``None`` if it does not apply."""
+    global _RULES
+    _RULES = [r for r in _RULES if r[0] != name]
+    if first:
+        _RULES.insert(0, (name, rule))
+    else:
+        _RULES.append((name, rule))
+
+
+def unregister_backend_rule(name: str) -> None:
+    global _RULES
+    _RULES = [r for r in _RULES if r[0] != name]
+
+
+def select_backend(device: torch.device, dtype: torch.dtype):
+    """The first applicable backend for ``device``/``dtype``; the reference one otherwise."""
+    for _name, rule in _RULES:
+        backend = rule(device, dtype)
+        if backend is not None:
+            return backend
+    return REFERENCE
