@@ -87,6 +87,10 @@ class ReferenceBackend:
         ``out_idx``: None or (…, k), the only output columns to compute.
         Returns (…, M, k) = ``alpha * g @ w[g_cols][:, out_idx]``.
         """
+        if g_cols is None and out_idx is not None and out_idx.dim() == 2:
+            # (T, k, N) @ (T, N, M) -> transpose: avoids copying a transposed (T, N, k) gather
+            out = torch.bmm(_cols(w, out_idx), g.transpose(1, 2)).transpose(1, 2)
+            return out if alpha == 1.0 else out.mul_(alpha)
         if g_cols is not None:
             w = _rows(w, g_cols)  # (…, kc, K)
         if out_idx is not None:
