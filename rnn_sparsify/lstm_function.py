@@ -30,6 +30,7 @@ All GEMMs go through the backend object (``rnn_sparsify.kernels``), one method p
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -279,6 +280,23 @@ def _pad_packed(data: Tensor, batch_sizes: list[int]) -> tuple[Tensor, Tensor]:
     return out, active
 
 
+def _backend_for(mod, x: Tensor):
+    """The kernel backend for this call; warns once per module when a CUDA tensor runs on
+    the reference kernels (gathers + cuBLAS: slower than cuDNN's dense LSTM)."""
+    backend = select_backend(x.device, x.dtype)
+    mod.last_backend = backend.name
+    if x.is_cuda and backend.name == "reference" and not getattr(mod, "_warned_reference", False):
+        mod._warned_reference = True
+        warnings.warn(
+            f"{type(mod).__name__}: no generated kernels for {x.dtype} on {x.device}; the sparse "
+            "training path runs on the PyTorch reference kernels, which are slower than cuDNN's "
+            "dense LSTM. Build a kernel bundle with `rnn-sparsify compile` (docs/codegen.md).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return backend
+
+
 def sparse_lstm_forward(mod, input, hx=None):
     """``nn.LSTM.forward`` semantics on the sparse layer Functions (training path)."""
     is_packed = isinstance(input, PackedSequence)
@@ -329,8 +347,7 @@ def sparse_lstm_forward(mod, input, hx=None):
         if is_packed:
             h0, c0 = mod.permute_hidden((h0, c0), sorted_indices)
 
-    backend = select_backend(x.device, x.dtype)
-    mod.last_backend = backend.name
+    backend = _backend_for(mod, x)
     sd = mod.structured_dropout
     gate_cfg = mod.active_gate_sparsity
     record = getattr(mod, "record_plans", False)
@@ -398,8 +415,7 @@ def sparse_lstm_cell_forward(mod, input: Tensor, hx=None):
         c0 = x.new_zeros(x.shape[0], mod.hidden_size)
     else:
         h0, c0 = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if unbatched else hx
-    backend = select_backend(x.device, x.dtype)
-    mod.last_backend = backend.name
+    backend = _backend_for(mod, x)
     sd = mod.structured_dropout
     in_idx, in_scale, rec_idx, rec_scale = None, 1.0, None, 1.0
     if sd is not None and sd.p_input > 0:
