@@ -7,6 +7,7 @@ always applies, so a missing kernel never raises.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 import torch
@@ -38,8 +39,29 @@ def unregister_backend_rule(name: str) -> None:
     _RULES = [r for r in _RULES if r[0] != name]
 
 
+_ENV_CHECKED = False
+
+
+def _configure_from_env(device: torch.device) -> None:
+    """``RNN_SPARSIFY_KERNELS=<bundle dir>`` enables generated kernels without code changes.
+
+    Checked on the first CUDA selection only, so ``import rnn_sparsify`` stays cheap and a
+    CPU-only run never imports the loader.
+    """
+    global _ENV_CHECKED
+    if _ENV_CHECKED or device.type != "cuda":
+        return
+    _ENV_CHECKED = True
+    path = os.environ.get("RNN_SPARSIFY_KERNELS")
+    if path:
+        from .cuda_backend import use_bundle
+
+        use_bundle(path)
+
+
 def select_backend(device: torch.device, dtype: torch.dtype):
     """The first applicable backend for ``device``/``dtype``; the reference one otherwise."""
+    _configure_from_env(device)
     for _name, rule in _RULES:
         backend = rule(device, dtype)
         if backend is not None:

@@ -1,0 +1,230 @@
+"""Ahead-of-time compilation of indexed GEMMs into a kernel bundle (TVM + nvcc, no GPU needed).
+
+    compile_lstms([LSTMSpec(...)], archs=["sm_80", "sm_90"], out_dir="bundles/ptb")
+    compile_model(model, batch=64, seq_len=35, archs=["sm_90"], out_dir=...)
+    compile_specs([GatherK(...), ...], archs, out_dir)
+
+For each (kernel spec, arch): schedule (:mod:`.schedule`), ``tvm.compile`` to CUDA source,
+``nvcc`` to a cubin and a PTX, and a manifest entry (:mod:`.manifest`). Every artifact is kept
+in a cache folder keyed by the entry's content hash (spec, arch, generator version, TVM and
+nvcc versions), so nothing is compiled twice; a bundle is a copy of the entries it needs.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import CodegenError, ToolchainMissing, UnsupportedGemm
+from .gemm_gather import IndexedGemm
+from .lstm_spec import LSTMSpec, specs_from_model
+from .manifest import KernelEntry, KernelParam, Manifest, content_hash, file_hash
+
+GENERATOR_VERSION = "1"  # bump when generated code changes for the same spec
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+_SIG = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\((\d+)\) )?(\w+)\(([^)]*)\)')
+_PARAM = re.compile(r"^\s*(?:const\s+)?([\w:]+)\s*\*?\s*(?:__restrict__\s+)?(\w+)\s*$")
+_CTYPES = {"half": "float16", "nv_bfloat16": "bfloat16", "float": "float32", "int": "int32",
+           "int64_t": "int64", "signed char": "int8"}
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("RNN_SPARSIFY_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rnn_sparsify" / "kernels"
+
+
+def _check_arch(arch: str) -> str:
+    if not re.fullmatch(r"sm_\d{2,3}a?", arch):
+        raise UnsupportedGemm(f"arch must look like 'sm_90', got {arch!r}")
+    if int(re.sub(r"\D", "", arch)) < 80:
+        raise UnsupportedGemm(f"{arch}: the tensor-core kernels need sm_80 or newer (ldmatrix + mma.sync bf16)")
+    return arch
+
+
+def toolchain_versions() -> dict[str, str]:
+    from .toolchain import import_tvm, nvcc_version
+
+    tvm = import_tvm()
+    return {"tvm": tvm.__version__, "nvcc": nvcc_version(), "generator": GENERATOR_VERSION}
+
+
+def entry_key(spec: IndexedGemm, arch: str, versions: dict[str, str]) -> str:
+    return content_hash({"spec": spec.to_dict(), "arch": arch, **versions})
+
+
+def kernel_signature(cu: str, symbol: str) -> tuple[int | None, list[KernelParam]]:
+    """``(launch bound, parameters in kernel order)`` from the generated CUDA source."""
+    for m in _SIG.finditer(cu):
+        if m.group(2) != symbol:
+            continue
+        params = []
+        for raw in m.group(3).split(","):
+            pm = _PARAM.match(raw)
+            if pm is None:
+                raise CodegenError(f"cannot parse kernel parameter {raw!r} of {symbol}")
+            ctype, name = pm.group(1), pm.group(2)
+            pointer = "*" in raw
+            params.append(KernelParam(name=re.sub(r"_ptr$", "", name) if pointer else name,
+                                      dtype=_CTYPES.get(ctype, ctype), pointer=pointer))
+        return (int(m.group(1)) if m.group(1) else None), params
+    raise CodegenError(f"kernel {symbol} not found in the generated CUDA source")
+
+
+def _nvcc(args: list[str], what: str) -> str:
+    from .toolchain import nvcc_path
+
+    r = subprocess.run([nvcc_path(), *args], capture_output=True, text=True)
+    if r.returncode:
+        raise CodegenError(f"nvcc ({what}) failed:\n{r.stderr[-3000:]}")
+    return r.stderr
+
+
+def build_entry(spec: IndexedGemm, arch: str, folder: Path, versions: dict[str, str]) -> KernelEntry:
+    """Generate, compile and describe one kernel into ``folder`` (no cache)."""
+    import tvm
+
+    from .schedule import cuda_schedule
+
+    _check_arch(arch)
+    sch, grid, block = cuda_schedule(spec)
+    lib = tvm.compile(sch.mod, target=tvm.target.Target({"kind": "cuda", "arch": arch}))
+    cu = lib.mod.imports[0].inspect_source("cuda")
+    symbol = f"{spec.name}_kernel"
+    bound, params = kernel_signature(cu, symbol)
+    threads = block[0] * block[1] * block[2]
+    if bound is not None and bound != threads:
+        raise CodegenError(f"{symbol}: __launch_bounds__({bound}) != block {block} from the schedule")
+    expect = {n for n, _, _ in spec.params()}
+    if {p.name for p in params} != expect:
+        raise CodegenError(f"{symbol}: kernel parameters {[p.name for p in params]} != buffers {sorted(expect)}")
+    base = f"{spec.name}.{arch}"
+    (folder / f"{base}.cu").write_text(cu)
+    log = _nvcc(["--cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-o", str(folder / f"{base}.cubin"),
+                 str(folder / f"{base}.cu")], f"cubin {symbol} {arch}")
+    _nvcc(["--ptx", "-O3", f"-arch={arch.replace('sm_', 'compute_')}", "-o", str(folder / f"{base}.ptx"),
+           str(folder / f"{base}.cu")], f"ptx {symbol} {arch}")
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    return KernelEntry(
+        key=entry_key(spec, arch, versions),
+        spec=spec.to_dict(),
+        arch=arch,
+        symbol=symbol,
+        params=tuple(params),
+        grid=tuple(grid),
+        block=tuple(block),
+        dynamic_smem_bytes=0,  # the schedules use static shared memory only
+        source=f"{base}.cu",
+        cubin=f"{base}.cubin",
+        cubin_sha256=file_hash(folder / f"{base}.cubin"),
+        ptx=f"{base}.ptx",
+        ptx_sha256=file_hash(folder / f"{base}.ptx"),
+        registers=int(regs.group(1)) if regs else None,
+        spill_bytes=int(spill.group(1)) if spill else None,
+    )
+
+
+def cached_entry(spec: IndexedGemm, arch: str, cache_dir: Path, versions: dict[str, str]) -> tuple[KernelEntry, Path, bool]:
+    """The cache folder of ``(spec, arch)``, building it on a miss. Returns ``(entry, folder, hit)``."""
+    import json
+
+    key = entry_key(spec, arch, versions)
+    folder = cache_dir / key[:2] / key
+    meta = folder / "entry.json"
+    if meta.is_file():
+        entry = KernelEntry.from_dict(json.loads(meta.read_text()))
+        if all((folder / f).is_file() for f in (entry.cubin, entry.source)) and file_hash(folder / entry.cubin) == entry.cubin_sha256:
+            return entry, folder, True
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
+    try:
+        entry = build_entry(spec, arch, tmp, versions)
+        (tmp / "entry.json").write_text(json.dumps(entry.to_dict(), indent=1, sort_keys=True))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)  # atomic publish: a half-built entry is never visible
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry, folder, False
+
+
+def compile_specs(
+    specs: Iterable[IndexedGemm],
+    archs: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    lstms: Sequence[LSTMSpec] = (),
+) -> Manifest:
+    """Build every ``(spec, arch)`` into the bundle folder ``out_dir`` and write its manifest."""
+    from .toolchain import nvcc_path
+
+    archs = tuple(_check_arch(a) for a in archs)
+    if not archs:
+        raise UnsupportedGemm("give at least one target arch (e.g. sm_90)")
+    nvcc_path()  # fail early with ToolchainMissing
+    versions = toolchain_versions()
+    specs = list(specs)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(s, a) for s in specs for a in archs]
+    entries, hits = [], 0
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a dependency; keep working without it
+        tqdm = None
+    bar = tqdm(total=len(jobs), desc="compile kernels", unit="kernel", disable=not progress) if tqdm else None
+    for spec, arch in jobs:
+        if bar is not None:
+            bar.set_postfix_str(f"{spec.kind} {arch}")
+        entry, folder, hit = cached_entry(spec, arch, cache, versions)
+        hits += hit
+        for f in (entry.source, entry.cubin, entry.ptx):
+            if f:
+                shutil.copy2(folder / f, out / f)
+        entries.append(entry)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    manifest = Manifest(kernels=tuple(entries), archs=archs, toolchain=versions,
+                        lstms=tuple(l.to_dict() for l in lstms))
+    manifest.save(out)
+    compile_specs.last_stats = {"kernels": len(jobs), "cache_hits": hits}
+    return manifest
+
+
+def compile_lstms(lstms: Sequence[LSTMSpec], archs: Sequence[str], out_dir, **kw) -> Manifest:
+    """Build every kernel the LSTMs need (see :mod:`.lstm_spec`)."""
+    seen, specs = set(), []
+    for lstm in lstms:
+        for _method, spec in lstm.gemms():
+            if spec.problem not in seen:
+                seen.add(spec.problem)
+                specs.append(spec)
+    return compile_specs(specs, archs, out_dir, lstms=lstms, **kw)
+
+
+def compile_model(model, batch: int, seq_len: int, archs: Sequence[str], out_dir, dtype: str | None = None, **kw) -> Manifest:
+    """Build the kernels of every LSTM inside ``model`` for one batch size and sequence length."""
+    lstms = specs_from_model(model, batch, seq_len, dtype)
+    if not lstms:
+        raise UnsupportedGemm(f"{type(model).__name__} contains no nn.LSTM / SparseLSTM")
+    return compile_lstms(lstms, archs, out_dir, **kw)
+
+
+__all__ = [
+    "ARCHS", "compile_specs", "compile_lstms", "compile_model", "default_cache_dir",
+    "kernel_signature", "ToolchainMissing",
+]

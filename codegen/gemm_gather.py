@@ -1,0 +1,409 @@
+"""Indexed GEMM generators: TensorIR functions whose operands are read through index arrays.
+
+Every generator describes ``C[t] = A'[t] @ B'[t]`` for ``t < T`` (``T = 1``: one GEMM; ``T > 1``:
+one launch for a whole sequence, with per-step index arrays), where ``A'``/``B'`` are read from
+the caller's tensors through int32 arrays of kept *blocks* of width ``P``: block ``b`` stands for
+the source positions ``idx[t, b] * P + (0 .. P-1)`` (``P = 1``: dropout units; ``P = 4`` or the
+gate-gradient slice width: kept ``dnet`` slices). The three families are the GEMMs of the sparse
+LSTM (see :mod:`rnn_sparsify.kernels.reference` for the exact semantics):
+
+* :class:`GatherK`   ``C[t] = A[t][:, kept] @ W[:, kept].T``       forward (input and recurrent)
+* :class:`GatherKN`  ``C[t] = G[t] @ W[rows[t]][:, cols[t]]``       backward-data (sparse dnet
+  slices along K, output sparsity along N)
+* :class:`WgradT`    ``C[t] = G[t].T @ X[t][:, kept[t]]``          weight gradient of a whole
+  sequence (gather along N; the caller scatters the ``T`` products into the weight gradient)
+
+The function has two stages per operand, as TVM 0.27 needs for tensorization (an indirect
+access inside the tensorized block does not match the mma intrinsics): a *gather* block that
+writes a dense, zero-padded tile (``A_g``, ``B_g``), and the dense GEMM block ``C``. On the GPU
+the gather blocks become the global->shared copies of the tiled GEMM (see
+:mod:`rnn_sparsify.codegen.schedule`); on the CPU the same function is built unscheduled with
+LLVM, which is how the algorithm is tested without a GPU.
+
+Ragged sizes: the GEMM runs over sizes padded up to the tile (``Mp, Np, Kp``); the gather blocks
+read zeros outside the logical sizes, and ``C`` is the padded ``(T, Mp, Np)`` fp32 product (the
+kernel wrapper returns the ``[:, :M, :N]`` view). Empty index arrays (``k = 0``) are valid: the
+index buffer then has one (never read) element and ``C`` is zero.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import UnsupportedGemm
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return max(1, math.ceil(x / m)) * m
+
+
+@dataclass(frozen=True)
+class Tile:
+    """CTA tile ``bm x bn`` with a ``bk`` slice of the reduction per shared-memory stage, split
+    over ``warps_m x warps_n`` warps (each warp owns ``bm/warps_m x bn/warps_n``, in 16x16
+    mma fragments)."""
+
+    bm: int = 64
+    bn: int = 128
+    bk: int = 32
+    warps_m: int = 2
+    warps_n: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("bm", "bn", "bk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0 or v % 16:
+                raise UnsupportedGemm(f"Tile.{name} must be a positive multiple of 16, got {v!r}")
+        if self.bm % (16 * self.warps_m) or self.bn % (16 * self.warps_n):
+            raise UnsupportedGemm(
+                f"Tile {self}: bm must be a multiple of 16*warps_m and bn of 16*warps_n"
+            )
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+
+@dataclass(frozen=True)
+class IndexedGemm:
+    """Common part of the generators: batch, dtype, tile, and the buffer list.
+
+    Subclasses define the logical sizes ``(M, N, K)`` of the product, the kernel parameters
+    (``params``: name, shape, dtype, in PrimFunc order) and the TE compute (``_compute``).
+    """
+
+    kind: ClassVar[str] = ""
+    a_trans: ClassVar[bool] = False  # A tile stored [k, m] in shared memory
+    b_trans: ClassVar[bool] = False  # B tile stored [n, k]
+
+    def _check_common(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UnsupportedGemm(f"{type(self).__name__}.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name, f in self.__dataclass_fields__.items():
+            v = getattr(self, name)
+            if f.type in ("int",) and (not isinstance(v, int) or v < 0):
+                raise UnsupportedGemm(f"{type(self).__name__}.{name} must be a non-negative int, got {v!r}")
+        if self.T < 1:
+            raise UnsupportedGemm(f"{type(self).__name__}.T must be >= 1, got {self.T}")
+
+    # -- sizes ---------------------------------------------------------------------------
+    @property
+    def mnk(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    @property
+    def padded(self) -> tuple[int, int, int]:
+        M, N, K = self.mnk
+        t = self.tile
+        return _ceil_to(M, t.bm), _ceil_to(N, t.bn), _ceil_to(K, t.bk)
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        Mp, Np, _ = self.padded
+        return (self.T, Mp, Np)
+
+    @property
+    def flops(self) -> int:
+        M, N, K = self.mnk
+        return 2 * self.T * M * N * K
+
+    # -- identity ------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """Kernel function name (a C identifier, unique per spec)."""
+        from .manifest import content_hash
+
+        return f"{self.kind}_{content_hash(self.to_dict())[:12]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {"kind": self.kind, **d}
+
+    @property
+    def problem(self) -> tuple:
+        """What the kernel computes, without how (the tile): the run-time lookup key."""
+        return problem_key(self.to_dict())
+
+    # -- the TensorIR function -----------------------------------------------------------
+    def params(self) -> list[tuple[str, tuple[int, ...], str]]:
+        raise NotImplementedError
+
+    def primfunc(self):
+        """The TensorIR PrimFunc (blocks ``A_g``, ``B_g``, ``C``), unscheduled."""
+        from .toolchain import import_tvm
+
+        import_tvm()
+        from tvm import te
+
+        tensors = {n: te.placeholder(shape, dt, name=n) for n, shape, dt in self.params()[:-1]}
+        C = self._compute(te, tensors)
+        func = te.create_prim_func([*tensors.values(), C])
+        return func.with_attr({"global_symbol": self.name, "tirx.noalias": True})
+
+    def _compute(self, te, t):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # helpers for subclasses
+    def _zero(self):
+        from tvm import tirx
+
+        return tirx.const(0, self.dtype)
+
+    def _guard(self, conds, value):
+        """``value`` where every condition holds (bounds of ragged sizes), else 0."""
+        from tvm import tirx
+
+        conds = [c for c in conds if c is not None]
+        if not conds:
+            return value
+        return tirx.if_then_else(tirx.all(*conds) if len(conds) > 1 else conds[0], value, self._zero())
+
+    @staticmethod
+    def _pos(idx, t, j, P: int):
+        """Source position of logical position ``j`` at step ``t``: ``idx[t, j // P] * P + j % P``."""
+        if P == 1:
+            return idx[t, j]
+        return idx[t, j // P] * P + j % P
+
+
+def _check_gather(owner: str, what: str, kept: int, src: int, P: int) -> None:
+    if not isinstance(P, int) or P < 1:
+        raise UnsupportedGemm(f"{owner}.{what}: block width P must be a positive int, got {P!r}")
+    if kept % P or src % P:
+        raise UnsupportedGemm(f"{owner}.{what}: P={P} must divide kept={kept} and size={src}")
+    if kept > src:
+        raise UnsupportedGemm(f"{owner}.{what}: kept={kept} exceeds size={src}")
+
+
+@dataclass(frozen=True)
+class GatherK(IndexedGemm):
+    """``C[t] = A[t][:, kept_t] @ W[:, kept_t].T`` -- gather along K of both operands.
+
+    ``A``: (T, M, K); ``W``: (N, K) (a PyTorch weight, shared by all steps); ``idx``: (T, k/P)
+    int32 kept blocks of K. Forward input projection of a sequence (``T`` steps) and the
+    recurrent GEMM of one step (``T = 1``).
+    """
+
+    T: int
+    M: int
+    N: int
+    K: int
+    k: int
+    dtype: str = "bfloat16"
+    P: int = 1
+    tile: Tile = field(default_factory=Tile)
+
+    kind: ClassVar[str] = "gather_k"
+    b_trans: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        _check_gather("GatherK", "k", self.k, self.K, self.P)
+
+    @property
+    def mnk(self):
+        return self.M, self.N, self.k
+
+    def params(self):
+        return [
+            ("A", (self.T, self.M, self.K), self.dtype),
+            ("W", (self.N, self.K), self.dtype),
+            ("idx", (self.T, max(1, self.k // self.P)), "int32"),
+            ("C", self.out_shape, "float32"),
+        ]
+
+    def _compute(self, te, b):
+        A, W, idx = b["A"], b["W"], b["idx"]
+        M, N, k = self.mnk
+        Mp, Np, Kp = self.padded
+        P = self.P
+        Ag = te.compute(
+            (self.T, Mp, Kp),
+            lambda t, m, j: self._guard(
+                [m < M if Mp != M else None, j < k if Kp != k else None], A[t, m, self._pos(idx, t, j, P)]
+            ),
+            name="A_g",
+        )
+        Bg = te.compute(
+            (self.T, Np, Kp),
+            lambda t, n, j: self._guard(
+                [n < N if Np != N else None, j < k if Kp != k else None], W[n, self._pos(idx, t, j, P)]
+            ),
+            name="B_g",
+        )
+        r = te.reduce_axis((0, Kp), name="r")
+        return te.compute(
+            (self.T, Mp, Np),
+            lambda t, m, n: te.sum(Ag[t, m, r].astype("float32") * Bg[t, n, r].astype("float32"), axis=r),
+            name="C",
+        )
+
+
+@dataclass(frozen=True)
+class GatherKN(IndexedGemm):
+    """``C[t] = G[t] @ W[rows_t][:, cols_t]`` -- gather along K (rows of W) and N (columns of W).
+
+    ``G``: (T, M, kc), the kept columns of ``dnet``; ``W``: (Nw, Kw); ``rows``: (T, kc/P) kept
+    blocks of W's rows (omitted when ``kc is None``: all ``Nw`` rows, ``G`` is dense); ``cols``:
+    (T, kn/Q) kept blocks of W's columns (omitted when ``kn is None``: all ``Kw`` columns).
+    Backward-data with a column-sparse ``dnet`` and output sparsity.
+    """
+
+    T: int
+    M: int
+    Nw: int
+    Kw: int
+    kc: int | None
+    kn: int | None
+    dtype: str = "bfloat16"
+    P: int = 1
+    Q: int = 1
+    tile: Tile = field(default_factory=Tile)
+
+    kind: ClassVar[str] = "gather_kn"
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        if self.kc is None and self.kn is None:
+            raise UnsupportedGemm("GatherKN: kc and kn are both None (a dense GEMM: use cuBLAS)")
+        if self.kc is not None:
+            _check_gather("GatherKN", "kc", self.kc, self.Nw, self.P)
+        if self.kn is not None:
+            _check_gather("GatherKN", "kn", self.kn, self.Kw, self.Q)
+
+    @property
+    def mnk(self):
+        return self.M, (self.Kw if self.kn is None else self.kn), (self.Nw if self.kc is None else self.kc)
+
+    def params(self):
+        M, N, K = self.mnk
+        out = [("G", (self.T, M, K), self.dtype), ("W", (self.Nw, self.Kw), self.dtype)]
+        if self.kc is not None:
+            out.append(("rows", (self.T, max(1, self.kc // self.P)), "int32"))
+        if self.kn is not None:
+            out.append(("cols", (self.T, max(1, self.kn // self.Q)), "int32"))
+        out.append(("C", self.out_shape, "float32"))
+        return out
+
+    def _compute(self, te, b):
+        G, W = b["G"], b["W"]
+        M, N, K = self.mnk
+        Mp, Np, Kp = self.padded
+
+        def row(t, j):
+            return j if self.kc is None else self._pos(b["rows"], t, j, self.P)
+
+        def col(t, n):
+            return n if self.kn is None else self._pos(b["cols"], t, n, self.Q)
+
+        Ag = te.compute(
+            (self.T, Mp, Kp),
+            lambda t, m, j: self._guard(
+                [m < M if Mp != M else None, j < K if Kp != K else None], G[t, m, j]
+            ),
+            name="A_g",
+        )
+        Bg = te.compute(
+            (self.T, Kp, Np),
+            lambda t, j, n: self._guard(
+                [j < K if Kp != K else None, n < N if Np != N else None], W[row(t, j), col(t, n)]
+            ),
+            name="B_g",
+        )
+        r = te.reduce_axis((0, Kp), name="r")
+        return te.compute(
+            (self.T, Mp, Np),
+            lambda t, m, n: te.sum(Ag[t, m, r].astype("float32") * Bg[t, r, n].astype("float32"), axis=r),
+            name="C",
+        )
+
+
+@dataclass(frozen=True)
+class WgradT(IndexedGemm):
+    """``C[t] = G[t].T @ X[t][:, kept_t]`` for every step in one launch -- gather along N.
+
+    ``G``: (T, B, kc) kept ``dnet`` columns; ``X``: (T, B, K) the layer input (or ``h``);
+    ``idx``: (T, k/P) kept blocks of X's columns (omitted when ``k is None``). The reduction
+    runs over the batch ``B``. ``C[t]`` is the ``(kc, k)`` block of the weight gradient that
+    step ``t`` touches; the caller adds it at ``[g_cols[t]][:, idx[t]]``.
+    """
+
+    T: int
+    B: int
+    kc: int
+    K: int
+    k: int | None
+    dtype: str = "bfloat16"
+    P: int = 1
+    tile: Tile = field(default_factory=lambda: Tile(bm=64, bn=128, bk=32, warps_m=2, warps_n=2))
+
+    kind: ClassVar[str] = "wgrad_t"
+    a_trans: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        if self.k is not None:
+            _check_gather("WgradT", "k", self.k, self.K, self.P)
+
+    @property
+    def mnk(self):
+        return self.kc, (self.K if self.k is None else self.k), self.B
+
+    def params(self):
+        out = [("G", (self.T, self.B, self.kc), self.dtype), ("X", (self.T, self.B, self.K), self.dtype)]
+        if self.k is not None:
+            out.append(("idx", (self.T, max(1, self.k // self.P)), "int32"))
+        out.append(("C", self.out_shape, "float32"))
+        return out
+
+    def _compute(self, te, b):
+        G, X = b["G"], b["X"]
+        M, N, K = self.mnk
+        Mp, Np, Kp = self.padded
+
+        def col(t, n):
+            return n if self.k is None else self._pos(b["idx"], t, n, self.P)
+
+        Ag = te.compute(
+            (self.T, Kp, Mp),
+            lambda t, j, m: self._guard(
+                [j < K if Kp != K else None, m < M if Mp != M else None], G[t, j, m]
+            ),
+            name="A_g",
+        )
+        Bg = te.compute(
+            (self.T, Kp, Np),
+            lambda t, j, n: self._guard(
+                [j < K if Kp != K else None, n < N if Np != N else None], X[t, j, col(t, n)]
+            ),
+            name="B_g",
+        )
+        r = te.reduce_axis((0, Kp), name="r")
+        return te.compute(
+            (self.T, Mp, Np),
+            lambda t, m, n: te.sum(Ag[t, r, m].astype("float32") * Bg[t, r, n].astype("float32"), axis=r),
+            name="C",
+        )
+
+
+def problem_key(spec_dict: dict[str, Any]) -> tuple:
+    """Hashable lookup key of a spec dict: every field but the tile."""
+    return tuple(sorted((k, v) for k, v in spec_dict.items() if k != "tile"))
+
+
+GENERATORS: dict[str, type[IndexedGemm]] = {c.kind: c for c in (GatherK, GatherKN, WgradT)}
+
+
+def spec_from_dict(d: dict[str, Any]) -> IndexedGemm:
+    """Inverse of ``spec.to_dict()``."""
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in GENERATORS:
+        raise UnsupportedGemm(f"unknown GEMM kind {kind!r}; known: {sorted(GENERATORS)}")
+    if isinstance(d.get("tile"), dict):
+        d["tile"] = Tile(**d["tile"])
+    return GENERATORS[kind](**d)

@@ -1,0 +1,262 @@
+"""GPU backend on precompiled TVM kernels (no TVM at run time), registered as a backend rule.
+
+Enable it with a bundle built by ``rnn-sparsify compile``::
+
+    from rnn_sparsify.kernels import cuda_backend
+    cuda_backend.use_bundle("bundles/ptb")          # or: export RNN_SPARSIFY_KERNELS=bundles/ptb
+
+Then :func:`rnn_sparsify.kernels.select_backend` returns a :class:`CudaKernelBackend` for CUDA
+devices whose arch the bundle was built for. Each GEMM method takes the generated kernel when
+the bundle has one for the call's exact problem (kind, sizes, dtype) and otherwise calls the
+reference method (``super()``): a missing kernel is never an error. ``backend.paths`` counts,
+per method, which path ran (``"kernel"`` or ``"reference: <reason>"``); :func:`explain` says
+ahead of a run which path each GEMM of an LSTM will take.
+
+Kernel wrappers check, allocate, launch: they check operands (device, dtype, contiguity),
+allocate the padded fp32 product, launch on the current stream, then return the logical view
+cast to the input dtype (alpha folded in), exactly like the reference methods.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from rnn_sparsify.codegen.errors import BundleError, CodegenError
+from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, WgradT
+
+from . import register_backend_rule, unregister_backend_rule
+from .reference import ReferenceBackend
+
+ENV_VAR = "RNN_SPARSIFY_KERNELS"
+RULE_NAME = "tvm_cuda"
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+class CudaKernelBackend(ReferenceBackend):
+    """Generated tensor-core kernels for the GEMMs in the bundle; reference for the rest."""
+
+    name = "tvm_cuda"
+
+    def __init__(self, bundle):
+        self.bundle = bundle  # a cuda_loader.LoadedBundle
+        self.paths: dict[str, Counter] = defaultdict(Counter)
+
+    # -- lookup / bookkeeping ----------------------------------------------------------
+    def _kernel(self, method: str, make_spec, tensors: tuple[Tensor, ...]):
+        """The kernel for this call, or ``None`` (recorded with the reason)."""
+        dt = tensors[0].dtype
+        if any(t.device != self.bundle.device for t in tensors):
+            self.paths[method]["reference: operand on another device"] += 1
+            return None
+        if dt not in _DTYPE_NAMES or any(t.dtype != dt for t in tensors):
+            self.paths[method]["reference: dtype"] += 1
+            return None
+        try:
+            spec = make_spec(_DTYPE_NAMES[dt])
+        except CodegenError:
+            self.paths[method]["reference: no generator for this shape"] += 1
+            return None
+        kernel = self.bundle.find(spec.to_dict())
+        if kernel is None:
+            self.paths[method]["reference: no kernel in bundle for this shape"] += 1
+            return None
+        self.paths[method]["kernel"] += 1
+        return kernel
+
+    @staticmethod
+    def _idx(idx: Tensor, T: int) -> Tensor:
+        """int32, contiguous, one row per step: (T, k)."""
+        if idx.dim() == 1:
+            idx = idx.unsqueeze(0).expand(T, -1)
+        return idx.to(torch.int32).contiguous()
+
+    def _run(self, kernel, **args: Tensor) -> Tensor:
+        out = torch.empty(kernel.out_shape, device=self.bundle.device, dtype=torch.float32)
+        args = {k: v.contiguous() for k, v in args.items()}
+        self.bundle.launch(kernel, {**args, "C": out})
+        return out
+
+    @staticmethod
+    def _finish(C: Tensor, M: int, N: int, alpha: float, dtype: torch.dtype) -> Tensor:
+        out = C[:, :M, :N]
+        if alpha != 1.0:
+            out = out * alpha
+        return out.to(dtype).contiguous()
+
+    # -- forward ---------------------------------------------------------------------
+    def fwd_input(self, x: Tensor, w: Tensor, idx: Tensor | None, alpha: float = 1.0) -> Tensor:
+        if idx is None or x.dim() != 3 or idx.dim() != 2:
+            self.paths["fwd_input"]["reference: dense or unsupported rank"] += 1
+            return super().fwd_input(x, w, idx, alpha)
+        T, B, K = x.shape
+        N, k = w.shape[0], idx.shape[1]
+        kern = self._kernel("fwd_input", lambda dt: GatherK(T=T, M=B, N=N, K=K, k=k, dtype=dt), (x, w))
+        if kern is None:
+            return super().fwd_input(x, w, idx, alpha)
+        C = self._run(kern, A=x, W=w, idx=self._idx(idx, T))
+        return self._finish(C, B, N, alpha, x.dtype)
+
+    def fwd_recurrent(self, h: Tensor, w: Tensor, idx: Tensor | None, alpha: float = 1.0) -> Tensor:
+        if idx is None or h.dim() != 2 or idx.dim() != 1:
+            self.paths["fwd_recurrent"]["reference: dense or unsupported rank"] += 1
+            return super().fwd_recurrent(h, w, idx, alpha)
+        B, K = h.shape
+        N, k = w.shape[0], idx.shape[0]
+        kern = self._kernel("fwd_recurrent", lambda dt: GatherK(T=1, M=B, N=N, K=K, k=k, dtype=dt), (h, w))
+        if kern is None:
+            return super().fwd_recurrent(h, w, idx, alpha)
+        C = self._run(kern, A=h.unsqueeze(0), W=w, idx=self._idx(idx, 1))
+        return self._finish(C, B, N, alpha, h.dtype)[0]
+
+    # -- backward-data ---------------------------------------------------------------
+    def bwd_data(self, g, g_cols, w, out_idx, alpha: float = 1.0):
+        ref = super().bwd_data
+        if (g_cols is None and out_idx is None) or g.dim() not in (2, 3):
+            self.paths["bwd_data"]["reference: dense or unsupported rank"] += 1
+            return ref(g, g_cols, w, out_idx, alpha)
+        batched = g.dim() == 3
+        T = g.shape[0] if batched else 1
+        M, kc = g.shape[-2:]
+        for ix in (g_cols, out_idx):
+            if ix is not None and (ix.dim() > (2 if batched else 1) or (ix.dim() == 2 and ix.shape[0] != T)):
+                self.paths["bwd_data"]["reference: index rank"] += 1
+                return ref(g, g_cols, w, out_idx, alpha)
+        Nw, Kw = w.shape
+        kn = None if out_idx is None else out_idx.shape[-1]
+        kcs = None if g_cols is None else kc
+        kern = self._kernel(
+            "bwd_data", lambda dt: GatherKN(T=T, M=M, Nw=Nw, Kw=Kw, kc=kcs, kn=kn, dtype=dt), (g, w)
+        )
+        if kern is None:
+            return ref(g, g_cols, w, out_idx, alpha)
+        args = {"G": g if batched else g.unsqueeze(0), "W": w}
+        if g_cols is not None:
+            args["rows"] = self._idx(g_cols, T)
+        if out_idx is not None:
+            args["cols"] = self._idx(out_idx, T)
+        C = self._run(kern, **args)
+        out = self._finish(C, M, Kw if kn is None else kn, alpha, g.dtype)
+        return out if batched else out[0]
+
+    # -- weight gradient -------------------------------------------------------------
+    def wgrad(self, g, g_cols, x, x_idx, out, alpha: float = 1.0) -> None:
+        ref = super().wgrad
+        if (g_cols is None and x_idx is None) or g.dim() != 3 or x.dim() != 3:
+            self.paths["wgrad"]["reference: dense or unsupported rank"] += 1
+            return ref(g, g_cols, x, x_idx, out, alpha)
+        T, B, kc = g.shape
+        K = x.shape[2]
+        k = None if x_idx is None else x_idx.shape[-1]
+        kern = self._kernel("wgrad", lambda dt: WgradT(T=T, B=B, kc=kc, K=K, k=k, dtype=dt), (g, x))
+        if kern is None:
+            return ref(g, g_cols, x, x_idx, out, alpha)
+        args = {"G": g, "X": x}
+        if x_idx is not None:
+            args["idx"] = self._idx(x_idx, T)
+        C = self._run(kern, **args)
+        prod = C[:, :kc, : (K if k is None else k)]
+        if alpha != 1.0:
+            prod = prod * alpha
+        dev = g.device
+        rows = g_cols if g_cols is not None else torch.arange(out.shape[0], device=dev).expand(T, -1)
+        cols = x_idx if x_idx is not None else torch.arange(out.shape[1], device=dev).expand(T, -1)
+        if rows.dim() == 1:
+            rows = rows.expand(T, -1)
+        if cols.dim() == 1:
+            cols = cols.expand(T, -1)
+        out.index_put_((rows[:, :, None], cols[:, None, :]), prod.to(out.dtype), accumulate=True)
+
+    # -- reporting -------------------------------------------------------------------
+    def summary(self) -> dict[str, dict[str, int]]:
+        return {m: dict(c) for m, c in self.paths.items()}
+
+
+# -- configuration and the backend rule ------------------------------------------------
+_lock = threading.Lock()
+_config: dict[str, object] = {"path": None, "allow_ptx_jit": False}
+_loaded: dict[int, object] = {}  # device index -> CudaKernelBackend or the load error
+_errors: dict[int, str] = {}
+
+
+def use_bundle(path: str | os.PathLike | None, *, allow_ptx_jit: bool = False) -> None:
+    """Use the kernel bundle at ``path`` on CUDA devices (``None``: stop using generated kernels).
+
+    The bundle is loaded and checked lazily, on the first backend selection for each device;
+    if it cannot be used there (other arch, hash mismatch, no cuda-bindings) the reference
+    backend is selected and :func:`load_errors` says why.
+    """
+    with _lock:
+        _loaded.clear()
+        _errors.clear()
+        if path is None:
+            _config["path"] = None
+            unregister_backend_rule(RULE_NAME)
+            return
+        p = Path(path)
+        if not (p / "manifest.json").is_file():
+            raise BundleError(f"{p} is not a kernel bundle (no manifest.json); build one with `rnn-sparsify compile`")
+        _config.update(path=p, allow_ptx_jit=allow_ptx_jit)
+        register_backend_rule(RULE_NAME, _rule)
+
+
+def load_errors() -> dict[int, str]:
+    """Why the bundle could not be used, per CUDA device index."""
+    return dict(_errors)
+
+
+def backend_for(device: torch.device) -> Optional[CudaKernelBackend]:
+    """The loaded backend of ``device`` (``None`` when no bundle is configured or it failed)."""
+    if _config["path"] is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _lock:
+        if index not in _loaded:
+            from .cuda_loader import LoadedBundle
+
+            try:
+                bundle = LoadedBundle(_config["path"], torch.device("cuda", index),
+                                      allow_ptx_jit=bool(_config["allow_ptx_jit"]))
+                _loaded[index] = CudaKernelBackend(bundle)
+            except (BundleError, OSError, RuntimeError) as e:
+                _loaded[index] = None
+                _errors[index] = f"{type(e).__name__}: {e}"
+                warnings.warn(
+                    f"rnn_sparsify: kernel bundle {_config['path']} not used on cuda:{index}, "
+                    f"falling back to the reference kernels: {e}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return _loaded[index]
+
+
+def _rule(device: torch.device, dtype: torch.dtype):
+    backend = backend_for(device)
+    if backend is None or _DTYPE_NAMES.get(dtype) not in backend.bundle.dtypes():
+        return None
+    return backend
+
+
+def explain(lstm_spec, device: torch.device | None = None) -> list[dict[str, str]]:
+    """Which path each GEMM of ``lstm_spec`` (an :class:`~rnn_sparsify.codegen.lstm_spec.LSTMSpec`)
+    will take on ``device``: ``kernel <symbol>`` or ``reference (<reason>)``."""
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    backend = backend_for(device) if device.type == "cuda" else None
+    rows = []
+    for method, spec in lstm_spec.gemms():
+        if backend is None:
+            reason = "no CUDA device" if device.type != "cuda" else (
+                _errors.get(device.index or 0) or "no bundle configured")
+            path = f"reference ({reason})"
+        else:
+            k = backend.bundle.find(spec.to_dict())
+            path = f"kernel {k.entry.symbol}" if k else "reference (no kernel in bundle for this shape)"
+        rows.append({"lstm": lstm_spec.name, "method": method, "gemm": repr(spec), "path": path})
+    return rows
+

@@ -1,0 +1,43 @@
+"""float64 numpy references of the indexed GEMMs, written from the semantics in
+rnn_sparsify/kernels/reference.py (independent of the generators under test)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def positions(idx_row: np.ndarray, P: int) -> np.ndarray:
+    """Kept blocks of width P -> source positions."""
+    return (idx_row[:, None].astype(np.int64) * P + np.arange(P)[None, :]).reshape(-1)
+
+
+def gather_k(A, W, idx, P=1):
+    """C[t] = A[t][:, pos_t] @ W[:, pos_t].T"""
+    out = []
+    for t in range(A.shape[0]):
+        pos = positions(idx[t], P)
+        out.append(A[t][:, pos].astype(np.float64) @ W[:, pos].astype(np.float64).T)
+    return np.stack(out)
+
+
+def gather_kn(G, W, rows=None, cols=None, P=1, Q=1):
+    """C[t] = G[t] @ W[rows_t][:, cols_t]"""
+    out = []
+    for t in range(G.shape[0]):
+        r = np.arange(W.shape[0]) if rows is None else positions(rows[t], P)
+        c = np.arange(W.shape[1]) if cols is None else positions(cols[t], Q)
+        out.append(G[t].astype(np.float64) @ W[np.ix_(r, c)].astype(np.float64))
+    return np.stack(out)
+
+
+def wgrad_t(G, X, idx=None, P=1):
+    """C[t] = G[t].T @ X[t][:, pos_t]"""
+    out = []
+    for t in range(G.shape[0]):
+        c = np.arange(X.shape[2]) if idx is None else positions(idx[t], P)
+        out.append(G[t].astype(np.float64).T @ X[t][:, c].astype(np.float64))
+    return np.stack(out)
+
+
+def kept_blocks(rng, T: int, n_blocks: int, kept: int) -> np.ndarray:
+    """(T, kept) sorted distinct block numbers per step (kept may be 0)."""
+    return np.stack([np.sort(rng.choice(n_blocks, kept, replace=False)) for _ in range(T)]).astype(np.int32).reshape(T, kept)

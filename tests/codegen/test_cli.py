@@ -1,0 +1,61 @@
+"""`rnn-sparsify compile` / `bench` registration: cheap import, typed errors -> exit codes."""
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from rnn_sparsify.codegen import cli
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="rnn-sparsify")
+    sub = p.add_subparsers(dest="command", required=True)
+    cli.register(sub)
+    return p
+
+
+def test_import_is_cheap():
+    code = "import sys, rnn_sparsify.codegen.cli; print('tvm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_parse_compile_and_gate_spec():
+    a = _parser().parse_args(["compile", "-o", "b", "--arch", "sm_80", "--arch", "sm_90", "--input-size", "8",
+                              "--hidden-size", "8", "--batch", "2", "--seq-len", "3", "--gate", "coarse:P=4,R=8,S=2"])
+    assert a.arch == ["sm_80", "sm_90"] and a.func is cli.cmd_compile
+    assert cli._gate(a.gate) == {"kind": "gate_gradient_sparsity", "mode": "coarse", "P": 4, "R": 8, "S": 2}
+    assert cli._gate("meprop:keep=0.3")["keep"] == 0.3
+
+
+def test_compile_without_spec_exits_2(capsys):
+    rc = cli.main(["compile", "-o", "b", "--arch", "sm_90", "--batch", "2", "--seq-len", "3"])
+    assert rc == 1 and "--input-size" in capsys.readouterr().err
+
+
+def test_bad_arch_exit_code(tmp_path, capsys):
+    rc = cli.main(["compile", "-o", str(tmp_path), "--arch", "sm_70", "--input-size", "8", "--hidden-size", "8",
+                   "--batch", "2", "--seq-len", "3", "--p-input", "0.5"])
+    assert rc == 2 and "sm_80 or newer" in capsys.readouterr().err
+
+
+@pytest.mark.tvm
+def test_compile_command_builds_bundle(tvm, nvcc, tmp_path):
+    rc = cli.main(["compile", "-q", "-o", str(tmp_path / "b"), "--arch", "sm_90", "--input-size", "16",
+                   "--hidden-size", "8", "--batch", "4", "--seq-len", "3", "--p-recurrent", "0.5",
+                   "--dtype", "float16", "--cache-dir", str(tmp_path / "cache")])
+    from rnn_sparsify.codegen.manifest import Manifest
+
+    assert rc == 0
+    kinds = sorted(e.spec["kind"] for e in Manifest.load(tmp_path / "b").kernels)
+    assert kinds == ["gather_k", "gather_kn", "wgrad_t"]
+
+
+def test_bench_without_gpu_is_a_clear_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    rc = cli.main(["bench", "--bundle", str(tmp_path), "--out", str(tmp_path / "b.md")])
+    assert rc != 0 and "GPU" in capsys.readouterr().err

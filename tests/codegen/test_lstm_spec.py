@@ -1,0 +1,58 @@
+"""From an LSTM description to the kernel specs it needs (pure Python)."""
+import pytest
+
+from rnn_sparsify.codegen.errors import UnsupportedGemm
+from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, WgradT
+from rnn_sparsify.codegen.lstm_spec import LSTMSpec, kept_gate_columns, specs_from_model
+
+
+def test_dropout_only_lstm():
+    s = LSTMSpec(input_size=512, hidden_size=512, batch=64, seq_len=35, dtype="bf16",
+                 structured_dropout={"p_input": 0.5, "p_recurrent": 0.5})
+    got = dict((type(sp), []) for _, sp in s.gemms())
+    pairs = s.gemms()
+    assert ("fwd_input", GatherK(T=35, M=64, N=2048, K=512, k=256)) in pairs
+    assert ("fwd_recurrent", GatherK(T=1, M=64, N=2048, K=512, k=256)) in pairs
+    assert ("bwd_data", GatherKN(T=35, M=64, Nw=2048, Kw=512, kc=None, kn=256)) in pairs
+    assert ("bwd_data", GatherKN(T=1, M=64, Nw=2048, Kw=512, kc=None, kn=256)) in pairs
+    assert ("wgrad", WgradT(T=35, B=64, kc=2048, K=512, k=256)) in pairs
+    # input and hidden sizes equal: the ih and hh weight-gradient GEMMs are one kernel
+    assert len(pairs) == 5 and set(got) == {GatherK, GatherKN, WgradT}
+
+
+def test_dense_lstm_needs_no_kernel():
+    assert LSTMSpec(input_size=8, hidden_size=8, batch=2, seq_len=3).gemms() == []
+
+
+def test_gate_sparsity_and_layers():
+    s = LSTMSpec(input_size=10, hidden_size=6, batch=4, seq_len=5, num_layers=2, bidirectional=True,
+                 gate_sparsity={"mode": "coarse", "P": 4, "R": 3, "S": 1})
+    kinds = [(m, sp) for m, sp in s.gemms()]
+    # 24 columns = 6 slices of 4 = 2 regions of 3, one slice dropped per region
+    assert kept_gate_columns(6, {"mode": "coarse", "P": 4, "R": 3, "S": 1}) == 16
+    assert ("bwd_data", GatherKN(T=5, M=4, Nw=24, Kw=12, kc=16, kn=None)) in kinds  # layer 1 input = 2H
+    assert all(m != "fwd_input" for m, _ in kinds)
+
+
+@pytest.mark.parametrize("gate, kept", [({"mode": "meprop", "keep": 0.25}, 10), ({"mode": "fine"}, None), (None, None),
+                                        ({"mode": "coarse", "P": 2, "R": 8, "S": 4}, 20)])
+def test_kept_gate_columns(gate, kept):
+    assert kept_gate_columns(10, gate) == kept
+
+
+def test_invalid_lstm_spec():
+    with pytest.raises(UnsupportedGemm, match="hidden_size"):
+        LSTMSpec(input_size=4, hidden_size=0, batch=1, seq_len=1)
+    with pytest.raises(UnsupportedGemm, match="dtype"):
+        LSTMSpec(input_size=4, hidden_size=4, batch=1, seq_len=1, dtype="int8")
+
+
+def test_specs_from_model():
+    import torch
+
+    from rnn_sparsify import SparseLSTM, StructuredDropout
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), SparseLSTM(8, 16, structured_dropout=StructuredDropout(0.5, 0.25)))
+    (spec,) = specs_from_model(model, batch=4, seq_len=7)
+    assert spec.name == "1" and spec.dtype == "float32" and spec.structured_dropout["p_recurrent"] == 0.25
+    assert ("fwd_recurrent", GatherK(T=1, M=4, N=64, K=16, k=12, dtype="float32")) in spec.gemms()

@@ -1,0 +1,10 @@
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tvm():
+    """TVM configured for the generators; the test is skipped where it is not installed."""
+    pytest.importorskip("tvm")
+    from rnn_sparsify.codegen.toolchain import import_tvm
+
+    return import_tvm()
