@@ -138,6 +138,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         cfg = plan.gate_sparsity
         fine = cfg is not None and cfg.mode == "fine"
         colwise = cfg is not None and not fine
+        blk = cfg.P if (cfg is not None and cfg.mode == "coarse") else 1
         n0 = bs[0] if bs is not None else B
         if fine:
             gs.check_fine_batch(cfg, n0)
@@ -181,7 +182,7 @@ class LSTMLayerFunction(torch.autograd.Function):
                 vals = dnet[:, cols]
                 G[t, :n] = vals
                 cols_all[t] = cols
-                dprev = be.bwd_data(vals, cols, w_hh, rec, plan.rec_scale)
+                dprev = be.bwd_data(vals, cols, w_hh, rec, plan.rec_scale, block=blk)
                 if plan.record_selections:
                     plan.selections[t] = cols
             else:
@@ -211,15 +212,15 @@ class LSTMLayerFunction(torch.autograd.Function):
 
         if not fine:
             if need[0]:
-                vals = be.bwd_data(G, cols_all, w_ih, plan.in_idx, plan.in_scale)
+                vals = be.bwd_data(G, cols_all, w_ih, plan.in_idx, plan.in_scale, block=blk)
                 if plan.in_idx is None:
                     dx = vals
                 else:
                     dx.scatter_(2, plan.in_idx[:, None, :].expand(T, B, plan.in_idx.shape[1]), vals)
             if dw_ih is not None:
-                be.wgrad(G, cols_all, x, plan.in_idx, dw_ih, plan.in_scale)
+                be.wgrad(G, cols_all, x, plan.in_idx, dw_ih, plan.in_scale, block=blk)
             if dw_hh is not None:
-                be.wgrad(G, cols_all, hprev_all, plan.rec_idx, dw_hh, plan.rec_scale)
+                be.wgrad(G, cols_all, hprev_all, plan.rec_idx, dw_hh, plan.rec_scale, block=blk)
             if db is not None:
                 if cols_all is None:
                     db = G.sum(dim=(0, 1))

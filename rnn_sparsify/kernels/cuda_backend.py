@@ -116,7 +116,7 @@ class CudaKernelBackend(ReferenceBackend):
         return self._finish(C, B, N, alpha, h.dtype)[0]
 
     # -- backward-data ---------------------------------------------------------------
-    def bwd_data(self, g, g_cols, w, out_idx, alpha: float = 1.0):
+    def bwd_data(self, g, g_cols, w, out_idx, alpha: float = 1.0, block: int = 1):
         ref = super().bwd_data
         if (g_cols is None and out_idx is None) or g.dim() not in (2, 3):
             self.paths["bwd_data"]["reference: dense or unsupported rank"] += 1
@@ -146,7 +146,7 @@ class CudaKernelBackend(ReferenceBackend):
         return out if batched else out[0]
 
     # -- weight gradient -------------------------------------------------------------
-    def wgrad(self, g, g_cols, x, x_idx, out, alpha: float = 1.0) -> None:
+    def wgrad(self, g, g_cols, x, x_idx, out, alpha: float = 1.0, block: int = 1) -> None:
         ref = super().wgrad
         if (g_cols is None and x_idx is None) or g.dim() != 3 or x.dim() != 3:
             self.paths["wgrad"]["reference: dense or unsupported rank"] += 1

@@ -11,6 +11,9 @@ Index conventions (all index tensors are int64, on the operands' device):
 * ``idx`` of shape ``(k,)`` is shared by the whole call; of shape ``(T, k)`` it is per time
   step and the operands carry a leading ``T`` dimension (batched over the sequence).
 * ``None`` means "all" (the dense case, which runs as one plain GEMM).
+* ``block`` (on the gate-gradient GEMMs) says that ``g_cols`` comes in runs of ``block``
+  consecutive columns starting at multiples of ``block`` (coarse sparsity's slices of P
+  columns); a backend may use block-indexed kernels. The reference ignores it.
 
 Weights are in PyTorch layout: ``w`` is ``(N, K)`` with ``N = 4*hidden`` gate rows.
 ``alpha`` scales the product (inverted-dropout scaling is folded in there).
@@ -79,6 +82,7 @@ class ReferenceBackend:
         w: Tensor,
         out_idx: Tensor | None,
         alpha: float = 1.0,
+        block: int = 1,
     ) -> Tensor:
         """Backward-data with a column-sparse gate gradient and output sparsity (gather-K, gather-N).
 
@@ -110,6 +114,7 @@ class ReferenceBackend:
         x_idx: Tensor | None,
         out: Tensor,
         alpha: float = 1.0,
+        block: int = 1,
     ) -> None:
         """Weight gradient of a whole sequence, accumulated in place (gather-M / scatter rows).
 

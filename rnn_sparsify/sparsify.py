@@ -1,0 +1,590 @@
+"""``sparsify(model, *configs)``: find every LSTM in a model and make it sparse.
+
+Pipeline (each step a pass of :mod:`rnn_sparsify.passes`), on a deep copy of the model:
+
+1. ``trace_degrading``: fx-trace what can be traced, keep the rest opaque.
+2. ``find_lstms``: ``nn.LSTM``/``nn.LSTMCell`` (and subclasses) anywhere, hand-written
+   cells in traced graphs, TorchScript modules (skipped, with the reason).
+3. per traced module that needs it: ``rewrite_cell`` (hand-written cell -> sparse cell
+   region) and ``fuse_dropout`` (dropout feeding an LSTM -> its structured NR dropout,
+   only when a ``StructuredDropout`` config is given); the module gets the new forward.
+4. ``swap_lstm``: ``nn.LSTM`` -> ``SparseLSTM`` (a subclass keeps its own forward).
+5. weight sparsity (``WeightSparsity`` config) attached to each swapped module.
+
+Configs are dispatched by type (one of each at most): ``StructuredDropout``,
+``GateGradientSparsity``, ``WeightSparsity``. The result carries a :class:`SparsifyReport`
+(``model.rnn_sparsify_report`` / :func:`get_report`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import GateGradientSparsity, StructuredDropout, kept_count
+
+__all__ = ["sparsify", "inspect_model", "SparsifyReport", "LSTMEntry", "get_report", "NoLSTMFoundError",
+           "GRAPH_REWRITE", "MODULE_SWAP", "SKIPPED", "REPORT_ATTR"]
+
+GRAPH_REWRITE = "graph rewrite"
+MODULE_SWAP = "module swap"
+SKIPPED = "skipped"
+REPORT_ATTR = "rnn_sparsify_report"
+PHASES = ("forward", "backward_data", "weight_gradient")
+
+
+class NoLSTMFoundError(LookupError):
+    """The model holds no LSTM, LSTMCell or hand-written LSTM cell."""
+
+
+# ---------------------------------------------------------------------------------------
+# configs
+@dataclass(frozen=True)
+class _Configs:
+    structured_dropout: Optional[StructuredDropout] = None
+    gate_sparsity: Optional[GateGradientSparsity] = None
+    weight_sparsity: Any = None
+
+    def to_list(self) -> list[dict]:
+        return [c.to_dict() for c in (self.structured_dropout, self.gate_sparsity, self.weight_sparsity) if c is not None]
+
+
+def _dispatch(configs: tuple) -> _Configs:
+    slots: dict[str, Any] = {}
+    handlers: dict[type, str] = {StructuredDropout: "structured_dropout", GateGradientSparsity: "gate_sparsity"}
+    try:
+        from .weight_sparsity import WeightSparsity
+
+        handlers[WeightSparsity] = "weight_sparsity"
+    except ImportError:  # weight sparsity not installed in this build
+        pass
+    for cfg in configs:
+        slot = handlers.get(type(cfg))
+        if slot is None:
+            known = ", ".join(k.__name__ for k in handlers)
+            raise TypeError(f"sparsify: unknown config type {type(cfg).__name__}; expected one of: {known}")
+        if slot in slots:
+            raise ValueError(f"sparsify: two {type(cfg).__name__} configs given; pass one of each type")
+        slots[slot] = cfg
+    return _Configs(**slots)
+
+
+# ---------------------------------------------------------------------------------------
+# FLOPs
+def _gate_keep(gs: Optional[GateGradientSparsity], hidden: int, batch: int) -> float:
+    if gs is None:
+        return 1.0
+    from .gate_selection import kept_column_count
+
+    if gs.mode in ("coarse", "meprop"):
+        return kept_column_count(4 * hidden, gs) / (4 * hidden)
+    blocks = math.ceil(batch / gs.My)  # fine: K of the ceil(batch/My) sub-matrices of a slice dropped
+    return max(blocks - gs.K, 1) / blocks if blocks else 1.0
+
+
+def _layer_gemms(shapes: dict) -> list[tuple[int, int, int, int]]:
+    """(gate columns 4H, input width, recurrent width, projection H*P) per layer-direction."""
+    H, I = shapes["hidden_size"], shapes["input_size"]
+    P = shapes.get("proj_size") or 0
+    R = P or H
+    D = 2 if shapes.get("bidirectional") else 1
+    out = []
+    for layer in range(shapes.get("num_layers", 1)):
+        width = I if layer == 0 else D * R
+        out += [(4 * H, width, R, H * P)] * D
+    return out
+
+
+def flops_per_token(shapes: dict, sd: Optional[StructuredDropout], gs: Optional[GateGradientSparsity],
+                    batch: int) -> dict[str, dict[str, float]]:
+    """GEMM FLOPs per token (one row of one time step) per phase, dense vs sparse.
+
+    forward: ``2*4H*(in*kx + rec*kh)``; backward-data and weight-gradient: the same times
+    the kept fraction of gate-gradient columns ``kg`` (the dropped input/recurrent units need
+    no gradient either). ``kx``/``kh`` are the exact kept fractions of NR/RH dropout. The
+    ``proj_size`` GEMM is dense in every phase. Element-wise gate math is not counted.
+    """
+    res = {ph: {"dense": 0.0, "sparse": 0.0} for ph in PHASES}
+    for G, width, rec, proj in _layer_gemms(shapes):
+        kx = kept_count(width, sd.p_input) / width if sd else 1.0
+        kh = kept_count(rec, sd.p_recurrent) / rec if sd else 1.0
+        kg = _gate_keep(gs, G // 4, batch)
+        dense = 2.0 * G * (width + rec)
+        fwd = 2.0 * G * (width * kx + rec * kh)
+        for ph, sparse in (("forward", fwd), ("backward_data", fwd * kg), ("weight_gradient", fwd * kg)):
+            res[ph]["dense"] += dense + 2.0 * proj
+            res[ph]["sparse"] += sparse + 2.0 * proj
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# report
+@dataclass
+class LSTMEntry:
+    """One LSTM-like thing found in the model and what was done with it."""
+
+    fqn: str
+    kind: str
+    shapes: dict
+    handling: str  # "graph rewrite" | "module swap" | "skipped"
+    reason: str
+    location: str
+    configs: list[dict] = field(default_factory=list)
+    backend: Optional[str] = None
+    fused_dropout: Optional[dict] = None
+    observed: Optional[dict] = None  # {"calls", "tokens"} from example_inputs
+    weight_sparsity: Optional[dict] = None
+    node: Optional[str] = None
+    _sd: Optional[StructuredDropout] = field(default=None, repr=False)
+    _gs: Optional[GateGradientSparsity] = field(default=None, repr=False)
+
+    def flops(self, tokens: int, batch: int) -> Optional[dict]:
+        if self.handling == SKIPPED or "hidden_size" not in self.shapes:
+            return None
+        per = flops_per_token(self.shapes, self._sd, self._gs, batch)
+        out = {}
+        for ph, d in per.items():
+            dense, sparse = d["dense"] * tokens, d["sparse"] * tokens
+            out[ph] = {"dense": dense, "sparse": sparse, "saving": 1.0 - sparse / dense if dense else 0.0}
+        return out
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        d["shapes"] = dict(self.shapes)
+        return d
+
+
+def _fmt_shapes(e: LSTMEntry) -> str:
+    s = e.shapes
+    if "hidden_size" not in s:
+        return "-"
+    txt = f"{s['input_size']}->{s['hidden_size']}"
+    if s.get("num_layers", 1) > 1:
+        txt += f" x{s['num_layers']}"
+    if s.get("bidirectional"):
+        txt += " bi"
+    if s.get("proj_size"):
+        txt += f" proj{s['proj_size']}"
+    if s.get("gate_order"):
+        txt += f" {s['gate_order']}"
+    if s.get("normalisation"):
+        txt += " +norm"
+    return txt
+
+
+@dataclass
+class SparsifyReport:
+    """What :func:`sparsify` found and did. ``to_dict()`` is the JSON form (``version`` 1).
+
+    * ``lstms``: one :class:`LSTMEntry` per LSTM-like thing (name, kind, shapes, handling
+      ``graph rewrite`` / ``module swap`` / ``skipped``, the reason, configs applied, backend).
+    * ``graph_rewrites``: module -> changes made to its forward.
+    * ``untraceable``: module -> why fx could not trace it (its LSTMs were swapped in place).
+    * ``dropouts``: dropouts fused into an LSTM, and those that could not be, with the reason.
+    * ``flops(batch_size, seq_len)``: GEMM FLOPs per phase (forward, backward_data,
+      weight_gradient), dense vs sparse, per LSTM and in total.
+    """
+
+    lstms: list[LSTMEntry]
+    configs: list[dict]
+    graph_rewrites: dict[str, list[str]]
+    untraceable: dict[str, str]
+    dropouts: list[dict]
+    applied: bool = True
+
+    def __getitem__(self, fqn: str) -> LSTMEntry:
+        for e in self.lstms:
+            if e.fqn == fqn:
+                return e
+        raise KeyError(fqn)
+
+    @property
+    def handled(self) -> list[LSTMEntry]:
+        return [e for e in self.lstms if e.handling != SKIPPED]
+
+    def flops(self, batch_size: Optional[int] = None, seq_len: Optional[int] = None) -> dict:
+        """FLOPs for ``batch_size`` x ``seq_len`` tokens per LSTM (time steps per call for
+        cells), or, with both None, for the tokens observed with ``example_inputs``."""
+        per, total = {}, {ph: {"dense": 0.0, "sparse": 0.0} for ph in PHASES}
+        for e in self.handled:
+            if batch_size is not None and seq_len is not None:
+                tokens, batch = batch_size * seq_len, batch_size
+            elif e.observed:
+                tokens, batch = e.observed["tokens"], e.observed["batch"]
+            else:
+                continue
+            f = e.flops(tokens, batch)
+            if f is None:
+                continue
+            key = e.fqn if e.node is None else f"{e.fqn}[{e.node}]"
+            per[key] = f
+            for ph in PHASES:
+                total[ph]["dense"] += f[ph]["dense"]
+                total[ph]["sparse"] += f[ph]["sparse"]
+        for ph in PHASES:
+            d = total[ph]["dense"]
+            total[ph]["saving"] = 1.0 - total[ph]["sparse"] / d if d else 0.0
+        return {"batch_size": batch_size, "seq_len": seq_len, "per_lstm": per, "total": total}
+
+    def to_dict(self, batch_size: Optional[int] = None, seq_len: Optional[int] = None) -> dict:
+        d = {
+            "version": 1,
+            "applied": self.applied,
+            "configs": self.configs,
+            "lstms": [e.to_dict() for e in self.lstms],
+            "graph_rewrites": self.graph_rewrites,
+            "untraceable": self.untraceable,
+            "dropouts": self.dropouts,
+        }
+        if batch_size is not None and seq_len is not None:
+            d["flops"] = self.flops(batch_size, seq_len)
+        elif any(e.observed for e in self.lstms):
+            d["flops"] = self.flops()
+        return d
+
+    def table(self, batch_size: Optional[int] = None, seq_len: Optional[int] = None) -> str:
+        from rnn_sparsify.passes.find_lstm import display_fqn
+
+        rows = [("LSTM", "kind", "shapes", "handling", "why / where")]
+        for e in self.lstms:
+            name = display_fqn(e.fqn) + (f"[{e.node}]" if e.node and e.kind.startswith("hand") else "")
+            note = e.reason
+            if e.fused_dropout:
+                note += f"; fused {e.fused_dropout['source']} p={e.fused_dropout['p']}"
+            rows.append((name, e.kind, _fmt_shapes(e), e.handling, note))
+        widths = [min(max(len(r[k]) for r in rows), 40) for k in range(4)]
+        lines = []
+        for r in rows:
+            cells = [r[k][:40].ljust(widths[k]) for k in range(4)]
+            lines.append("  ".join(cells + [r[4]]))
+        lines.insert(1, "-" * min(len(lines[0]), 120))
+        if self.configs:
+            lines.append("")
+            lines.append("configs: " + "; ".join(str(c) for c in self.configs))
+        for fqn, changes in self.graph_rewrites.items():
+            lines.append(f"rewrote forward of {display_fqn(fqn)}: " + "; ".join(changes))
+        for dd in self.dropouts:
+            if not dd.get("fused"):
+                lines.append(f"dropout {dd['node']} not fused into {dd['target']}: {dd['reason']}")
+        f = self.flops(batch_size, seq_len) if batch_size and seq_len else (
+            self.flops() if any(e.observed for e in self.lstms) else None)
+        if f and f["per_lstm"]:
+            what = f"batch {batch_size} x seq {seq_len}" if batch_size else "example inputs"
+            parts = [f"{ph} {f['total'][ph]['sparse'] / 1e6:.3g}/{f['total'][ph]['dense'] / 1e6:.3g} MFLOP "
+                     f"(-{100 * f['total'][ph]['saving']:.1f}%)" for ph in PHASES]
+            lines.append(f"GEMM FLOPs sparse/dense ({what}): " + ", ".join(parts))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def get_report(model: nn.Module) -> SparsifyReport:
+    """The report attached by :func:`sparsify`."""
+    rep = getattr(model, REPORT_ATTR, None)
+    if not isinstance(rep, SparsifyReport):
+        raise ValueError("this model was not produced by rnn_sparsify.sparsify (no report attached)")
+    return rep
+
+
+# ---------------------------------------------------------------------------------------
+def _observe(model: nn.Module, example_inputs) -> dict[int, dict]:
+    """Calls and tokens (rows of one time step) of every module on ``example_inputs``."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    seen: dict[int, dict] = {}
+
+    def hook(mod, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(x, PackedSequence):
+            tokens, batch = int(x.data.shape[0]), int(x.batch_sizes[0])
+        elif isinstance(x, torch.Tensor) and x.dim() >= 1:
+            tokens = x.numel() // max(x.shape[-1], 1)
+            if isinstance(mod, nn.LSTM):
+                batch = 1 if x.dim() == 2 else int(x.shape[0] if mod.batch_first else x.shape[1])
+            else:
+                batch = tokens if x.dim() == 2 else 1
+        else:
+            return
+        rec = seen.setdefault(id(mod), {"calls": 0, "tokens": 0, "batch": 0})
+        rec["calls"] += 1
+        rec["tokens"] += tokens
+        rec["batch"] = max(rec["batch"], batch)
+
+    from rnn_sparsify.passes.trace import is_scripted
+
+    scripted = [m for m in model.modules() if is_scripted(m)]
+    inside = {id(sub) for m in scripted for sub in m.modules()}
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if id(m) not in inside]
+    modes = {m: m.training for m in model.modules()}
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:
+        raise ValueError(f"sparsify: example_inputs do not run through the model: {type(e).__name__}: {e}") from e
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    return seen
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy``, except TorchScript submodules, which are copied by a
+    ``torch.jit.save``/``load`` round trip (their deepcopy yields non-leaf parameters)."""
+    import io
+
+    from rnn_sparsify.passes.trace import is_scripted
+
+    memo: dict = {}
+    for m in model.modules():
+        if is_scripted(m) and id(m) not in memo:
+            buf = io.BytesIO()
+            torch.jit.save(m, buf)
+            buf.seek(0)
+            dev = next((p.device for p in m.parameters()), None)
+            new = torch.jit.load(buf, map_location=dev)
+            new.train(m.training)
+            for (_, p_old), (_, p_new) in zip(m.named_parameters(), new.named_parameters()):
+                p_new.requires_grad_(p_old.requires_grad)
+            memo[id(m)] = new
+            for sub in m.modules():  # children are copied with their scripted parent
+                memo.setdefault(id(sub), None) if sub is not m else None
+    memo = {k: v for k, v in memo.items() if v is not None}
+    return copy.deepcopy(model, memo)
+
+
+def _set_path(root: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, name = fqn.rpartition(".")
+    parent = root.get_submodule(parent_name)
+    setattr(parent, name, new)
+
+
+def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: bool):
+    from rnn_sparsify.kernels import select_backend
+    from rnn_sparsify.passes.find_lstm import display_fqn, find_lstms
+    from rnn_sparsify.passes.fuse_dropout import find_dropout_feeds, fuse_dropout
+    from rnn_sparsify.passes.rewrite import build_region, install_graph_forward, rewrite_cell, swap_lstm
+    from rnn_sparsify.passes.trace import trace_degrading
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify: model must be an nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("sparsify: filter_fn must be callable as filter_fn(module, fqn) -> bool")
+    cfg = _dispatch(configs)
+    work = _copy_model(model)
+    observed = _observe(work, example_inputs) if example_inputs is not None else {}
+    tr = trace_degrading(work)
+    sites = find_lstms(work, tr)
+    sd, gs = cfg.structured_dropout, cfg.gate_sparsity
+
+    entries: list[LSTMEntry] = []
+    by_site = {}
+    for s in sites:
+        e = LSTMEntry(s.fqn, s.kind, s.shapes, SKIPPED, "", s.location, node=s.node)
+        by_site[id(s)] = e
+        entries.append(e)
+        if s.module is not None and id(s.module) in observed:
+            e.observed = dict(observed[id(s.module)])
+        if s.refusal:
+            e.reason = s.refusal
+            continue
+        if filter_fn is not None and not filter_fn(s.module, s.fqn):
+            e.reason = "excluded by filter_fn"
+            continue
+        e._sd, e._gs = sd, gs
+        if s.match is not None:
+            if s.match.norms and gs is not None:
+                e._gs = None
+                msg = ("gate-gradient sparsity not applied: normalisation between the projections and the "
+                       "gates makes the projections' gradient dense again")
+                if sd is None:
+                    e.reason = msg
+                    continue
+                e.reason = msg + "; "
+            e.handling = GRAPH_REWRITE
+            e.reason += f"{s.match.describe()}; h found as: {s.match.how_h_found}"
+        else:
+            if gs is not None:
+                try:
+                    gs.validate_for(s.shapes["hidden_size"], display_fqn(s.fqn))
+                except ValueError as err:
+                    e.reason = str(err)
+                    e._sd = e._gs = None
+                    continue
+            e.handling = MODULE_SWAP
+            if type(s.module) in (nn.LSTM, nn.LSTMCell):
+                what = f"replaced by Sparse{type(s.module).__name__}"
+            else:
+                base = "SparseLSTM" if isinstance(s.module, nn.LSTM) else "SparseLSTMCell"
+                name = type(s.module).__name__
+                what = (f"re-classed as Sparse{name} (MRO Sparse{name} -> {name} -> {base}): its own forward "
+                        f"is kept and its super().forward reaches {base}")
+            e.reason = f"{what}; {s.location}"
+    if not sites:
+        raise NoLSTMFoundError(
+            "no nn.LSTM, nn.LSTMCell, hand-written LSTM cell or TorchScript module found in the model"
+            + (f" (untraceable: {', '.join(display_fqn(k) for k in tr.opaque)})" if tr.opaque else "")
+        )
+
+    # graph rewrites, per traced module ---------------------------------------------------
+    swapped = {e.fqn: e for s, e in ((s, by_site[id(s)]) for s in sites) if e.handling == MODULE_SWAP}
+    for s in sites:  # aliases of swapped modules point at the same entry
+        if by_site[id(s)].handling == MODULE_SWAP:
+            for a in s.aliases:
+                swapped[a] = by_site[id(s)]
+    graph_rewrites: dict[str, list[str]] = {}
+    dropouts: list[dict] = []
+    for gfqn, tg in tr.graphs.items():
+        owner = work.get_submodule(gfqn)
+        cells = [(s, by_site[id(s)]) for s in sites
+                 if s.graph_fqn == gfqn and s.match is not None and by_site[id(s)].handling == GRAPH_REWRITE]
+        changes: list[str] = []
+        regions = [(s, e, build_region(tg.gm, s.match)) for s, e in cells]
+        remap: dict = {}
+        targets: dict[str, LSTMEntry] = {}
+        for k, (s, e, region) in enumerate(regions):
+            m = s.match
+            m.x, m.h, m.c = (remap.get(n, n) for n in (m.x, m.h, m.c))
+            name = f"rnn_sparsify_cell_{k}"
+            while hasattr(owner, name):
+                name += "_"
+            old_h, old_c = m.h_out, m.c_out
+            rewrite_cell(tg.gm, m, name, region)
+            call = next(n for n in tg.gm.graph.nodes if n.op == "call_module" and n.target == name)
+            outs = sorted(call.users, key=lambda n: n.args[1])
+            remap[old_h], remap[old_c] = outs[0], outs[1]
+            owner.add_module(name, region)
+            targets[name] = e
+            e.__dict__["_region"] = region
+            changes.append(f"hand-written cell {display_fqn(s.fqn)}[{s.node}] -> {name}")
+
+        # dropout fusion ------------------------------------------------------------------
+        def target_entry(node):
+            if node.target in targets:
+                return targets[node.target]
+            return swapped.get(f"{gfqn}.{node.target}" if gfqn else node.target)
+
+        feeds, refused = find_dropout_feeds(
+            tg.gm, lambda n: n.op == "call_module" and (target_entry(n) is not None or _is_lstm_call(tg.gm, n)))
+        for r in refused:
+            dropouts.append({**r.to_dict(), "fused": False, "graph": display_fqn(gfqn)})
+        for f in feeds:
+            e = target_entry(f.target)
+            if e is None:
+                dropouts.append({**f.to_dict(), "target": f.target.name, "fused": False, "graph": display_fqn(gfqn),
+                                 "reason": "the LSTM it feeds is skipped"})
+            elif sd is None:
+                dropouts.append({**f.to_dict(), "target": f.target.name, "fused": False, "graph": display_fqn(gfqn),
+                                 "reason": "no StructuredDropout config given (fusing changes dropout to structured NR)"})
+            elif not tg.mode_independent:
+                dropouts.append({**f.to_dict(), "target": f.target.name, "fused": False, "graph": display_fqn(gfqn),
+                                 "reason": f"graph rewrite refused: {tg.mode_reason}"})
+            else:
+                p_in = sd.p_input if sd.p_input > 0 else f.p
+                e._sd = StructuredDropout(p_input=p_in, p_recurrent=sd.p_recurrent)
+                e.fused_dropout = {**f.to_dict(), "p_input": p_in}
+                dropouts.append({**f.to_dict(), "target": f.target.name, "fused": True, "graph": display_fqn(gfqn),
+                                 "p_input": p_in})
+                changes.append(f"removed {f.source} (p={f.p}) before {f.target.name}: fused as NR dropout p_input={p_in}")
+                fuse_dropout(tg.gm, f)
+        if changes:
+            install_graph_forward(owner, tg.gm.graph)
+            graph_rewrites[gfqn] = changes
+
+    # configure cell regions, swap modules ---------------------------------------------
+    for s in sites:
+        e = by_site[id(s)]
+        if e.handling == GRAPH_REWRITE:
+            region = e.__dict__.pop("_region")
+            region.configure(e._sd, e._gs)
+            w = next(iter(s.module.parameters()), None)
+        elif e.handling == MODULE_SWAP:
+            new = swap_lstm(s.module, e._sd, e._gs)
+            for path in [s.fqn] + s.aliases:
+                if path == "":
+                    work = new
+                else:
+                    _set_path(work, path, new)
+            s.module = new
+            w = next(iter(new.parameters()), None)
+        else:
+            continue
+        e.configs = [c.to_dict() for c in (e._sd, e._gs) if c is not None]
+        if w is not None:
+            e.backend = select_backend(w.device, w.dtype).name
+        if cfg.weight_sparsity is not None:
+            if e.handling == MODULE_SWAP:
+                from .weight_sparsity import attach_weight_sparsity, weight_sparsity_stats
+
+                attach_weight_sparsity(s.module, cfg.weight_sparsity, name=s.fqn)
+                e.weight_sparsity = weight_sparsity_stats(s.module)
+                e.configs.append(cfg.weight_sparsity.to_dict())
+            else:
+                e.reason += "; weight sparsity not attached (it applies to nn.LSTM/nn.LSTMCell modules)"
+
+    report = SparsifyReport(
+        lstms=entries, configs=cfg.to_list(), graph_rewrites=graph_rewrites,
+        untraceable={k: v for k, v in tr.opaque.items()}, dropouts=dropouts, applied=applied,
+    )
+    return work, report
+
+
+def _is_lstm_call(gm, node) -> bool:
+    from rnn_sparsify.passes.trace import is_lstm_like
+
+    try:
+        return is_lstm_like(gm.get_submodule(node.target))
+    except AttributeError:
+        return False
+
+
+def sparsify(
+    model: nn.Module,
+    *configs,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    example_inputs=None,
+) -> nn.Module:
+    """A sparse copy of ``model``; ``model`` itself is never modified.
+
+    Args:
+        model: any ``nn.Module`` (or an ``nn.LSTM`` itself).
+        *configs: at most one each of :class:`~rnn_sparsify.StructuredDropout`,
+            :class:`~rnn_sparsify.GateGradientSparsity`, ``WeightSparsity``. With none, LSTMs
+            are still replaced (and run dense until a config is set on them).
+        filter_fn: ``filter_fn(module, fqn) -> bool`` chooses the targets (the LSTM module,
+            or for a hand-written cell the module that holds it); others are reported as
+            skipped.
+        example_inputs: a tuple of inputs (or one tensor); run once in ``eval()`` under
+            ``no_grad`` to record how many tokens each LSTM sees (report FLOPs).
+
+    Returns the rewritten model with its :class:`SparsifyReport` as
+    ``model.rnn_sparsify_report``. ``eval()`` gives the original numbers; ``state_dict()``
+    keys are the original ones (plus mask buffers with ``WeightSparsity``).
+
+    Raises:
+        TypeError: unknown config type, or ``model`` is not a module.
+        ValueError: two configs of one type; ``example_inputs`` that do not run.
+        NoLSTMFoundError: nothing LSTM-like in the model.
+    """
+    work, report = _run(model, configs, filter_fn, example_inputs, applied=True)
+    setattr(work, REPORT_ATTR, report)
+    return work
+
+
+def inspect_model(
+    model: nn.Module,
+    *configs,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    example_inputs=None,
+) -> SparsifyReport:
+    """The report :func:`sparsify` would attach, leaving ``model`` untouched (dry run)."""
+    _, report = _run(model, configs, filter_fn, example_inputs, applied=False)
+    return report
