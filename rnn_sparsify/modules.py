@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .config import GateGradientSparsity, StructuredDropout
 
 
-def _check_cfg(structured_dropout, gate_sparsity, hidden_size: int, owner: str):
+def check_configs(structured_dropout, gate_sparsity, hidden_size: int, owner: str):
     if structured_dropout is not None and not isinstance(structured_dropout, StructuredDropout):
         raise TypeError(
             f"{owner}: structured_dropout must be a StructuredDropout, got {type(structured_dropout).__name__}"
@@ -43,7 +43,7 @@ def _check_cfg(structured_dropout, gate_sparsity, hidden_size: int, owner: str):
         gate_sparsity.validate_for(hidden_size, owner)
 
 
-class _SparseMixin:
+class SparseMixin:
     structured_dropout: Optional[StructuredDropout]
     gate_sparsity: Optional[GateGradientSparsity]
     gate_sparsity_enabled: bool
@@ -82,7 +82,7 @@ class _SparseMixin:
         return (", " + ", ".join(parts)) if parts else ""
 
 
-class SparseLSTM(_SparseMixin, nn.LSTM):
+class SparseLSTM(SparseMixin, nn.LSTM):
     """``nn.LSTM`` with structured dropout and gate-gradient sparsity (see module docstring)."""
 
     def __init__(
@@ -113,7 +113,7 @@ class SparseLSTM(_SparseMixin, nn.LSTM):
             device=device,
             dtype=dtype,
         )
-        _check_cfg(structured_dropout, gate_sparsity, hidden_size, "SparseLSTM")
+        check_configs(structured_dropout, gate_sparsity, hidden_size, "SparseLSTM")
         if structured_dropout is not None and structured_dropout.p_input > 0 and dropout > 0:
             raise ValueError(
                 "SparseLSTM: set either dropout (nn.LSTM's element-wise inter-layer dropout) or "
@@ -192,7 +192,7 @@ class SparseLSTM(_SparseMixin, nn.LSTM):
         return sparse_lstm_forward(self, input, hx)
 
 
-class SparseLSTMCell(_SparseMixin, nn.LSTMCell):
+class SparseLSTMCell(SparseMixin, nn.LSTMCell):
     """``nn.LSTMCell`` with structured dropout and gate-gradient sparsity.
 
     For models that step a cell in a Python loop: each call is one time step, so each call
@@ -211,7 +211,7 @@ class SparseLSTMCell(_SparseMixin, nn.LSTMCell):
         gate_sparsity: Optional[GateGradientSparsity] = None,
     ) -> None:
         super().__init__(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
-        _check_cfg(structured_dropout, gate_sparsity, hidden_size, "SparseLSTMCell")
+        check_configs(structured_dropout, gate_sparsity, hidden_size, "SparseLSTMCell")
         self._init_sparse(structured_dropout, gate_sparsity)
 
     @classmethod
@@ -257,4 +257,4 @@ class SparseLSTMCell(_SparseMixin, nn.LSTMCell):
         return sparse_lstm_cell_forward(self, input, hx)
 
 
-__all__ = ["SparseLSTM", "SparseLSTMCell", "PackedSequence"]
+__all__ = ["SparseLSTM", "SparseLSTMCell", "SparseMixin", "check_configs"]

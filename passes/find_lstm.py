@@ -1,0 +1,128 @@
+"""Find every LSTM-like thing in a model, traced or not.
+
+Sources, in the order they are reported:
+
+(a) ``nn.LSTM`` and subclasses and (b) ``nn.LSTMCell`` and subclasses: found by walking
+    ``named_modules`` — so also below modules that could not be traced (they are swapped in
+    place, no graph needed). A module registered under several names is one site.
+(c) hand-written cells in every traced graph (:mod:`.match_cell`), and the refused
+    cell-shaped candidates with the reason.
+(e) TorchScript modules: one skipped site each, naming the LSTMs compiled inside.
+
+Sites that are known not to be rewritable carry ``refusal`` already (TorchScript, already
+sparse, a subclass whose forward bypasses ``super().forward``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import nn
+
+from rnn_sparsify.modules import SparseMixin
+
+from .match_cell import CellMatch, match_lstm_cells
+from .rewrite import base_forward_problem
+from .trace import TraceResult, is_lstm_like, is_scripted
+
+__all__ = ["LSTMSite", "find_lstms", "module_shapes", "display_fqn"]
+
+
+def display_fqn(fqn: str) -> str:
+    return fqn if fqn else "<root>"
+
+
+@dataclass
+class LSTMSite:
+    fqn: str
+    kind: str
+    shapes: dict
+    location: str
+    module: Optional[nn.Module] = None
+    graph_fqn: Optional[str] = None  # traced graph holding the call / the cell
+    match: Optional[CellMatch] = None
+    refusal: Optional[str] = None
+    aliases: list[str] = field(default_factory=list)  # other names of the same module
+    node: Optional[str] = None  # node name of h' for hand-written cells
+
+
+def module_shapes(m: nn.Module) -> dict:
+    if isinstance(m, nn.LSTM):
+        return {"input_size": m.input_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
+                "bidirectional": m.bidirectional, "proj_size": m.proj_size, "batch_first": m.batch_first,
+                "bias": m.bias, "dropout": m.dropout}
+    if isinstance(m, nn.LSTMCell):
+        return {"input_size": m.input_size, "hidden_size": m.hidden_size, "bias": m.bias}
+    return {}
+
+
+def _location(tr: TraceResult, fqn: str) -> str:
+    g = tr.graph_of(fqn)
+    if g is not None:
+        return f"called from the traced graph of {display_fqn(g.fqn)}"
+    op = tr.nearest_opaque(fqn)
+    if op is not None:
+        return f"inside untraceable {display_fqn(op[0])} ({op[1]})"
+    return "not called from any traced graph"
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a and b else (a or b)
+
+
+def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
+    sites: list[LSTMSite] = []
+    names: dict[int, list[str]] = {}
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(fqn)
+    seen: set[int] = set()
+    scripted_done: list[str] = []
+    for fqn, m in model.named_modules():
+        if any(fqn == s or fqn.startswith(s + ".") for s in scripted_done):
+            continue
+        if is_scripted(m):
+            inner = [n or "<self>" for n, sub in m.named_modules()
+                     if getattr(sub, "original_name", "") in ("LSTM", "LSTMCell")]
+            kind = "TorchScript module" + (f" (compiled {getattr(m, 'original_name', '')})" if inner == ["<self>"] else "")
+            why = ("TorchScript module: its compiled code cannot be traced or rewritten; call sparsify on the "
+                   "eager module before torch.jit.script")
+            if inner and inner != ["<self>"]:
+                why += f" (contains LSTMs at {', '.join(inner)})"
+            sites.append(LSTMSite(fqn, kind, {}, _location(tr, fqn), module=m, refusal=why))
+            scripted_done.append(fqn)
+            continue
+        if not is_lstm_like(m) or id(m) in seen:
+            continue
+        seen.add(id(m))
+        base = "nn.LSTM" if isinstance(m, nn.LSTM) else "nn.LSTMCell"
+        kind = base if type(m) in (nn.LSTM, nn.LSTMCell) else f"{base} subclass {type(m).__name__}"
+        refusal = None
+        if isinstance(m, SparseMixin):
+            refusal = f"already sparse ({type(m).__name__}); call to_dense() before sparsify again"
+        elif type(m) not in (nn.LSTM, nn.LSTMCell):
+            refusal = base_forward_problem(type(m))
+        g = tr.graph_of(fqn)
+        sites.append(LSTMSite(
+            fqn, kind, module_shapes(m), _location(tr, fqn), module=m,
+            graph_fqn=g.fqn if g is not None else None, refusal=refusal,
+            aliases=[n for n in names[id(m)] if n != fqn],
+        ))
+    for gfqn, tg in tr.graphs.items():
+        matches, refused = match_lstm_cells(tg.gm)
+        for cm in matches:
+            fqn = _join(gfqn, cm.scope)
+            shapes = {"input_size": cm.input_size, "hidden_size": cm.hidden_size, "gate_order": cm.gate_order,
+                      "normalisation": cm.norms}
+            sites.append(LSTMSite(
+                fqn, "hand-written cell", shapes, f"in the traced graph of {display_fqn(gfqn)}",
+                module=model.get_submodule(fqn), graph_fqn=gfqn, match=cm, node=cm.h_out.name,
+                refusal=None if tg.mode_independent else f"graph rewrite refused: {tg.mode_reason}",
+            ))
+        for r in refused:
+            fqn = _join(gfqn, r.scope)
+            sites.append(LSTMSite(
+                fqn, "hand-written cell (candidate)", {}, f"in the traced graph of {display_fqn(gfqn)}",
+                module=model.get_submodule(fqn), graph_fqn=gfqn, node=r.anchor,
+                refusal=f"cell-shaped subgraph not matched: {r.reason}",
+            ))
+    return sites

@@ -1,0 +1,473 @@
+"""Rewrites: hand-written cell -> sparse cell region, module swaps, installing a new forward.
+
+Three mechanisms, all keeping the user's classes, parameter names and ``state_dict`` keys:
+
+* :func:`rewrite_cell` replaces a matched hand-written cell (see :mod:`.match_cell`) in a
+  traced graph by one ``call_module`` to a parameter-free :class:`SparseCellRegion` that
+  receives the cell's parameters as inputs (so no parameter moves or is renamed)::
+
+      Before                                   After
+      ih = self.cell.ih(x)                     w0 = self.cell.ih.weight   (get_attr)
+      hh = self.cell.hh(h)                     ...
+      add = ih + hh                            region = self.rnn_sparsify_cell_0(x, h, c, w0, b0, w1, b1)
+      i, f, g, o = add.chunk(4, 1)             h_new = region[0]
+      ... 3 sigmoid, 2 tanh, 3 mul, 1 add      c_new = region[1]
+      return (mul_2, add_1)                    return (h_new, c_new)
+
+  In ``eval()`` (or with nothing sparse active) the region runs the extracted original
+  subgraph: the same ops on the same tensors, so the numbers are the original ones. In
+  training it runs :class:`~rnn_sparsify.modules.SparseLSTMCell` on the cell's weights
+  rearranged into PyTorch's ``(i, f, g, o)`` layout (cells without normalisation), or, for
+  normalised cells, the original subgraph with structured dropout applied as gather-K (only
+  the kept columns of ``x``/``h`` and of the weights enter the GEMMs).
+* :func:`swap_lstm` replaces ``nn.LSTM``/``nn.LSTMCell`` by ``SparseLSTM``/``SparseLSTMCell``.
+  A user *subclass* keeps its own ``forward``: its class becomes
+  ``type("Sparse<Name>", (UserClass, SparseLSTM))`` whose MRO is
+  ``Sparse<Name> -> UserClass -> SparseLSTM -> SparseMixin -> nn.LSTM``, so the user's
+  ``super().forward(...)`` reaches ``SparseLSTM.forward``.
+* :func:`install_graph_forward` gives a module the forward of a rewritten graph, keeping
+  its class (a dynamic subclass), methods, attributes and ``state_dict``.
+
+Dynamic classes are rebuilt on unpickling from ``(base class, kind)`` (``__reduce_ex__``),
+so ``torch.save``/``torch.load`` and ``copy.deepcopy`` work without registering names.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from rnn_sparsify.config import GateGradientSparsity, StructuredDropout, kept_count
+from rnn_sparsify.modules import SparseLSTM, SparseLSTMCell, check_configs, SparseMixin
+
+from .match_cell import CellMatch, Projection, _NORM_MODULES
+
+__all__ = [
+    "SparseCellRegion",
+    "extract_cell",
+    "rewrite_cell",
+    "swap_lstm",
+    "install_graph_forward",
+    "dynamic_class",
+    "base_forward_problem",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# dynamic classes
+class _Rebuildable:
+    """Pickles as (base class, kind) + state; the dynamic class is rebuilt on load."""
+
+    _rnn_sparsify_base: type
+    _rnn_sparsify_kind: str
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild, (self._rnn_sparsify_base, self._rnn_sparsify_kind), self.__getstate__())
+
+    def __getstate__(self):
+        return dict(super().__getstate__())  # RNNBase drops its weakrefs here
+
+
+class _GraphForward(_Rebuildable):
+    """``forward`` is the code of a rewritten fx graph, compiled per instance."""
+
+    def forward(self, *args, **kwargs):
+        return self.__dict__["_rnn_sparsify_fwd"](self, *args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_rnn_sparsify_fwd", None)
+        globs = state.pop("_rnn_sparsify_globals", None)
+        if "_rnn_sparsify_import_block" not in state:
+            state["_rnn_sparsify_import_block"] = _import_block(globs or {})
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        src = state["_rnn_sparsify_import_block"] + state["_rnn_sparsify_src"]
+        self.__dict__["_rnn_sparsify_fwd"] = _compile(src, {})
+
+
+def _import_block(globs: dict) -> str:
+    from torch.fx.graph_module import _format_import_block
+    from torch.package import sys_importer
+
+    try:
+        return _format_import_block(globs, sys_importer) + "\n"
+    except Exception as e:  # a local function in the graph: cannot be saved by reference
+        raise RuntimeError(
+            f"rnn_sparsify: this rewritten module calls an object that cannot be imported by name "
+            f"({e}); it runs, but cannot be pickled"
+        ) from e
+
+
+def _compile(src: str, globs: dict):
+    from torch.fx.graph_module import _forward_from_src
+
+    return _forward_from_src(src, globs)
+
+
+def _rebuild(base: type, kind: str):
+    cls = dynamic_class(base, kind)
+    return cls.__new__(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def dynamic_class(base: type, kind: str) -> type:
+    """The dynamic subclass of ``base`` for ``kind`` in {"graph", "lstm", "cell"} (cached)."""
+    if kind == "graph":
+        bases, name = (_GraphForward, base), base.__name__
+    elif kind == "lstm":
+        bases, name = (_Rebuildable, base, SparseLSTM), f"Sparse{base.__name__}"
+    elif kind == "cell":
+        bases, name = (_Rebuildable, base, SparseLSTMCell), f"Sparse{base.__name__}"
+    else:
+        raise ValueError(f"unknown dynamic class kind {kind!r}")
+    return type(name, bases, {"__module__": base.__module__, "__qualname__": name,
+                              "_rnn_sparsify_base": base, "_rnn_sparsify_kind": kind})
+
+
+def install_graph_forward(module: nn.Module, graph: fx.Graph) -> nn.Module:
+    """Make ``graph`` (traced from ``module``) the forward of ``module``, in place.
+
+    The graph's code reads ``self.<submodule>`` / ``self.<param>`` on ``module`` at every
+    call, so later module swaps, ``.to()`` and ``load_state_dict`` are seen.
+    """
+    code = graph.python_code(root_module="self")
+    base = type(module)
+    if isinstance(module, _GraphForward):
+        base = module._rnn_sparsify_base
+    module.__class__ = dynamic_class(base, "graph")
+    module.__dict__["_rnn_sparsify_src"] = code.src
+    module.__dict__["_rnn_sparsify_globals"] = dict(code.globals)
+    module.__dict__.pop("_rnn_sparsify_import_block", None)
+    module.__dict__["_rnn_sparsify_fwd"] = _compile(code.src, code.globals)
+    return module
+
+
+# ---------------------------------------------------------------------------------------
+# module swaps
+def base_forward_problem(cls: type) -> Optional[str]:
+    """Why a user subclass of nn.LSTM/LSTMCell cannot reach the sparse forward (None if it can)."""
+    import inspect
+    import re
+
+    if "forward" not in vars(cls) and all("forward" not in vars(k) for k in cls.__mro__[1:]
+                                          if k not in (nn.LSTM, nn.LSTMCell, nn.RNNBase, nn.RNNCellBase, nn.Module, object)):
+        return None
+    fwd = next(k for k in cls.__mro__ if "forward" in vars(k)).forward
+    try:
+        src = inspect.getsource(fwd)
+    except (OSError, TypeError):
+        return None  # no source: trust super()
+    if re.search(r"\b(nn\.)?(LSTM|LSTMCell|RNNBase|RNNCellBase)\.forward\(\s*self", src):
+        return (f"{cls.__name__}.forward calls the base class's forward explicitly "
+                "(nn.LSTM.forward(self, ...)), which bypasses the sparse implementation; use super().forward(...)")
+    if "super(" not in src and "_VF." not in src:
+        return f"{cls.__name__}.forward does not call super().forward; there is no LSTM call to replace"
+    if "_VF." in src:
+        return f"{cls.__name__}.forward calls torch._VF directly; there is no LSTM call to replace"
+    return None
+
+
+def swap_lstm(m: nn.Module, structured_dropout: Optional[StructuredDropout],
+              gate_sparsity: Optional[GateGradientSparsity]) -> nn.Module:
+    """The sparse replacement of ``m`` (a new module for nn.LSTM/LSTMCell; ``m`` itself,
+    re-classed, for a user subclass). Raises ValueError if a config does not fit ``m``."""
+    if type(m) is nn.LSTM:
+        return SparseLSTM.from_dense(m, structured_dropout, gate_sparsity)
+    if type(m) is nn.LSTMCell:
+        return SparseLSTMCell.from_dense(m, structured_dropout, gate_sparsity)
+    if isinstance(m, SparseMixin):
+        raise ValueError(f"{type(m).__name__} is already sparse")
+    is_lstm = isinstance(m, nn.LSTM)
+    check_configs(structured_dropout, gate_sparsity, m.hidden_size, type(m).__name__)
+    if is_lstm and structured_dropout is not None and structured_dropout.p_input > 0:
+        m.dropout = 0.0  # NR dropout replaces the inter-layer dropout (as SparseLSTM.from_dense)
+    m.__class__ = dynamic_class(type(m), "lstm" if is_lstm else "cell")
+    m._init_sparse(structured_dropout, gate_sparsity)
+    return m
+
+
+# ---------------------------------------------------------------------------------------
+# hand-written cells
+def _draw_kept(n: int, p: float, device) -> tuple[Optional[torch.Tensor], float]:
+    """Kept units for one step (shared by the batch) and the inverted-dropout scale."""
+    if p <= 0:
+        return None, 1.0
+    k = kept_count(n, p)
+    idx = torch.randperm(n, device=device)[:k].sort().values
+    return idx, n / k
+
+
+class SparseCellRegion(nn.Module):
+    """A hand-written LSTM cell after :func:`rewrite_cell`. Holds no parameters.
+
+    ``forward(x, h, c, *params) -> (h', c')`` where ``params`` are the cell's own
+    parameters, in the order of ``param_targets``.
+    """
+
+    def __init__(self, match: CellMatch, dense: fx.GraphModule, dropout_variant: fx.GraphModule,
+                 param_targets: list[str], canonical: Optional[dict]) -> None:
+        super().__init__()
+        self.input_size = match.input_size
+        self.hidden_size = match.hidden_size
+        self.gate_order = match.gate_order
+        self.description = match.describe()
+        self.param_targets = list(param_targets)
+        # fx GraphModules without parameters; stored as plain attributes (no state_dict keys)
+        self.__dict__["dense"] = dense
+        self.__dict__["dropout_variant"] = dropout_variant
+        self.canonical = canonical
+        self.structured_dropout: Optional[StructuredDropout] = None
+        self.gate_sparsity: Optional[GateGradientSparsity] = None
+        self.last_path: Optional[str] = None
+
+    def configure(self, structured_dropout, gate_sparsity) -> None:
+        if gate_sparsity is not None and self.canonical is None:
+            raise ValueError("gate-gradient sparsity needs a cell without normalisation")
+        check_configs(structured_dropout, gate_sparsity, self.hidden_size, "hand-written LSTM cell")
+        self.structured_dropout = structured_dropout
+        self.gate_sparsity = gate_sparsity
+
+    def extra_repr(self) -> str:
+        cfg = [f"structured_dropout={self.structured_dropout}"] if self.structured_dropout else []
+        cfg += [f"gate_sparsity={self.gate_sparsity}"] if self.gate_sparsity else []
+        return ", ".join([f"{self.input_size}, {self.hidden_size}, {self.description}"] + cfg)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_cell_template", None)
+        return state
+
+    def _wants_sparse_path(self) -> bool:
+        sd = self.structured_dropout
+        return self.training and ((sd is not None and sd.active) or self.gate_sparsity is not None)
+
+    def forward(self, x, h, c, *params):
+        if not self._wants_sparse_path():
+            self.last_path = "dense"
+            return self.dense(x, h, c, *params)
+        self.last_path = "sparse"
+        if self.canonical is not None:
+            return self._as_lstm_cell(x, h, c, params)
+        sd = self.structured_dropout
+        kx, sx = _draw_kept(self.input_size, sd.p_input, x.device)
+        kh, sh = _draw_kept(self.hidden_size, sd.p_recurrent, x.device)
+        full_x = torch.arange(self.input_size, device=x.device) if kx is None else kx
+        full_h = torch.arange(self.hidden_size, device=x.device) if kh is None else kh
+        return self.dropout_variant(x, h, c, full_x, full_h, sx, sh, *params)
+
+    # -- cells without normalisation: nn.LSTMCell math on rearranged weights ----------------
+    def _template(self, bias: bool) -> SparseLSTMCell:
+        key = ("_template", bias)
+        t = self.__dict__.get("_cell_template")
+        if t is None or t[0] != key:
+            cell = SparseLSTMCell(self.input_size, self.hidden_size, bias=bias, device="meta",
+                                  structured_dropout=self.structured_dropout, gate_sparsity=self.gate_sparsity)
+            self.__dict__["_cell_template"] = (key, cell)
+            t = self.__dict__["_cell_template"]
+        return t[1]
+
+    def lstm_cell_params(self, params) -> dict[str, torch.Tensor]:
+        """The cell's parameters as ``nn.LSTMCell`` would hold them (gate order i, f, g, o)."""
+        spec = self.canonical
+        dev = params[0].device
+        perm = torch.as_tensor(spec["perm"], device=dev)
+
+        def weight(s):
+            w = params[s["param"]]
+            w = w if s["layout"] == "out_in" else w.t()
+            if s["cols"] is not None:
+                w = w[:, s["cols"][0]:s["cols"][1]]
+            return w.index_select(0, perm)
+
+        def bias(idx):
+            if not idx:
+                return None
+            b = params[idx[0]]
+            for i in idx[1:]:
+                b = b + params[i]
+            return b.index_select(0, perm)
+
+        out = {"weight_ih": weight(spec["w_ih"]), "weight_hh": weight(spec["w_hh"])}
+        b_ih, b_hh = bias(spec["b_ih"]), bias(spec["b_hh"])
+        if b_ih is not None or b_hh is not None:
+            ref = b_ih if b_ih is not None else b_hh
+            out["bias_ih"] = b_ih if b_ih is not None else torch.zeros_like(ref)
+            out["bias_hh"] = b_hh if b_hh is not None else torch.zeros_like(ref)
+        return out
+
+    def _as_lstm_cell(self, x, h, c, params):
+        p = self.lstm_cell_params(params)
+        cell = self._template("bias_ih" in p)
+        cell.structured_dropout, cell.gate_sparsity = self.structured_dropout, self.gate_sparsity
+        cell.train(self.training)
+        lead = x.shape[:-1]
+        x2, h2, c2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), c.reshape(-1, c.shape[-1])
+        h_new, c_new = torch.func.functional_call(cell, p, (x2, (h2, c2)), strict=False)
+        return h_new.reshape(*lead, -1), c_new.reshape(*lead, -1)
+
+
+def _cell_params(gm: fx.GraphModule, match: CellMatch) -> list[str]:
+    targets: list[str] = []
+    for n in match.nodes:
+        if n.op == "get_attr":
+            targets.append(n.target)
+        elif n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            for name, p in m.named_parameters(recurse=False):
+                if p is not None:
+                    targets.append(f"{n.target}.{name}")
+    return list(dict.fromkeys(targets))
+
+
+def extract_cell(gm: fx.GraphModule, match: CellMatch, *, with_dropout: bool) -> tuple[fx.GraphModule, list[str]]:
+    """The cell as a standalone, parameter-free graph ``(x, h, c, *params) -> (h', c')``.
+
+    With ``with_dropout`` the graph takes ``(x, h, c, kx, kh, sx, sh, *params)`` and runs every
+    projection on the kept columns only: ``x[..., kx] * sx`` against ``W[:, kx]`` (and the same
+    for ``h`` with ``kh``), the structured (NR + RH) dropout as gather-K.
+    """
+    targets = _cell_params(gm, match)
+    g = fx.Graph()
+    env: dict[fx.Node, Any] = {match.x: g.placeholder("x"), match.h: g.placeholder("h"), match.c: g.placeholder("c")}
+    drop: dict[str, Any] = {}
+    if with_dropout:
+        kx, kh, sx, sh = (g.placeholder(n) for n in ("kx", "kh", "sx", "sh"))
+        drop = {"x": g.call_function(operator.mul, (g.call_method("index_select", (env[match.x], -1, kx)), sx)),
+                "h": g.call_function(operator.mul, (g.call_method("index_select", (env[match.h], -1, kh)), sh)),
+                "kx": kx, "kh": kh}
+    ph = {t: g.placeholder(f"p{i}") for i, t in enumerate(targets)}
+    I, H = match.input_size, match.hidden_size
+    # which weight belongs to which projection, and the column index it keeps
+    w_index: dict[str, tuple[str, Any]] = {}
+    if with_dropout:
+        for p in match.projections:
+            in_dim = 1 if p.layout == "out_in" else 0
+            if len(p.parts) == 1:
+                idx = drop["k" + p.parts[0]]
+            else:
+                first, second = p.parts
+                off = I if first == "x" else H
+                idx = g.call_function(torch.cat, ([drop["k" + first],
+                                                   g.call_function(operator.add, (drop["k" + second], off))],))
+            w_index[p.weight] = (in_dim, idx)
+
+    def param(target: str):
+        if target in w_index:
+            dim, idx = w_index[target]
+            return g.call_method("index_select", (ph[target], dim, idx))
+        return ph[target]
+
+    proj_inputs = {p.node: p for p in match.projections}
+    cat_nodes = {p.inp: p for p in match.projections if len(p.parts) > 1}
+
+    def remap(n):
+        return env[n]
+
+    for n in match.nodes:
+        if n.op == "get_attr":
+            env[n] = param(n.target)
+            continue
+        if with_dropout and n in cat_nodes:
+            p = cat_nodes[n]
+            parts = [drop[r] for r in p.parts]
+            env[n] = g.call_function(torch.cat, (parts,), {"dim": -1})
+            continue
+        mapper = remap
+        if with_dropout and n in proj_inputs and len(proj_inputs[n].parts) == 1:
+            p = proj_inputs[n]
+            role = p.parts[0]
+            mapper = (lambda a, _p=p, _r=role: drop[_r] if a is _p.inp else env[a])
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            a0 = mapper(n.args[0])
+            if type(m) is nn.Linear:
+                w = param(f"{n.target}.weight")
+                b = ph[f"{n.target}.bias"] if m.bias is not None else None
+                env[n] = g.call_function(F.linear, (a0, w, b))
+            elif isinstance(m, nn.LayerNorm):
+                w = ph.get(f"{n.target}.weight")
+                b = ph.get(f"{n.target}.bias")
+                env[n] = g.call_function(F.layer_norm, (a0, m.normalized_shape, w, b, m.eps))
+            elif isinstance(m, _NORM_MODULES):  # RMSNorm
+                w = ph.get(f"{n.target}.weight")
+                env[n] = g.call_function(F.rms_norm, (a0, m.normalized_shape, w, m.eps))
+            elif isinstance(m, nn.Sigmoid):
+                env[n] = g.call_function(torch.sigmoid, (a0,))
+            elif isinstance(m, nn.Tanh):
+                env[n] = g.call_function(torch.tanh, (a0,))
+            else:  # the matcher only accepts the modules above
+                raise AssertionError(f"unexpected module {type(m).__name__} in a matched cell")
+            continue
+        env[n] = g.node_copy(n, mapper)
+    g.output((env[match.h_out], env[match.c_out]))
+    g.lint()
+    return fx.GraphModule(nn.Module(), g, "HandWrittenLSTMCell"), targets
+
+
+def _canonical_spec(gm: fx.GraphModule, match: CellMatch, targets: list[str]) -> Optional[dict]:
+    """How to build nn.LSTMCell weights from the cell's parameters (None if normalised)."""
+    if not match.canonical:
+        return None
+    H, I = match.hidden_size, match.input_size
+    pos = {r: match.gate_order.index(r) for r in "ifgo"}
+    perm = [pos[r] * H + k for r in "ifgo" for k in range(H)]
+    spec: dict[str, Any] = {"perm": perm, "b_ih": [], "b_hh": []}
+    for p in match.projections:
+        if len(p.parts) == 1:
+            spec["w_" + ("ih" if p.parts == ["x"] else "hh")] = {"param": targets.index(p.weight),
+                                                                "layout": p.layout, "cols": None}
+            if p.bias:
+                spec["b_" + ("ih" if p.parts == ["x"] else "hh")].append(targets.index(p.bias))
+        else:
+            first = p.parts[0]
+            n_first = I if first == "x" else H
+            cols = {first: (0, n_first), p.parts[1]: (n_first, I + H)}
+            spec["w_ih"] = {"param": targets.index(p.weight), "layout": p.layout, "cols": cols["x"]}
+            spec["w_hh"] = {"param": targets.index(p.weight), "layout": p.layout, "cols": cols["h"]}
+            if p.bias:
+                spec["b_ih"].append(targets.index(p.bias))
+    spec["b_ih"] += [targets.index(b) for b in match.extra_biases]
+    return spec
+
+
+def build_region(gm: fx.GraphModule, match: CellMatch) -> SparseCellRegion:
+    dense, targets = extract_cell(gm, match, with_dropout=False)
+    variant, targets2 = extract_cell(gm, match, with_dropout=True)
+    assert targets == targets2
+    return SparseCellRegion(match, dense, variant, targets, _canonical_spec(gm, match, targets))
+
+
+def rewrite_cell(gm: fx.GraphModule, match: CellMatch, name: str, region: SparseCellRegion) -> PassResult:
+    """Replace the matched cell in ``gm`` by ``call_module name(x, h, c, *params)``.
+
+    Pre: ``match`` was found in ``gm``'s current graph. Post: ``gm`` lints, no node of the
+    cell remains, every former user of h'/c' reads the region's outputs.
+    """
+    g = gm.graph
+    order = {n: k for k, n in enumerate(g.nodes)}
+    last_input = max((match.x, match.h, match.c), key=order.get)
+    gm.add_submodule(name, region)
+    with g.inserting_before(last_input.next):
+        getters = [g.get_attr(t) for t in region.param_targets]
+        call = g.call_module(name, (match.x, match.h, match.c, *getters))
+        h_new = g.call_function(operator.getitem, (call, 0))
+        c_new = g.call_function(operator.getitem, (call, 1))
+    match.h_out.replace_all_uses_with(h_new)
+    match.c_out.replace_all_uses_with(c_new)
+    for n in reversed(match.nodes):
+        if not n.users:
+            g.erase_node(n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g.lint()
+    gm.recompile()
+    return PassResult(gm, True)

@@ -1,0 +1,244 @@
+"""Tracing that degrades, never fails.
+
+:func:`trace_degrading` traces a model with ``torch.fx`` where it can and keeps the rest
+opaque. Rules, in order:
+
+1. ``nn.LSTM`` / ``nn.LSTMCell`` and their subclasses are **leaves** (one ``call_module``
+   node each; a subclass keeps its own ``forward``). TorchScript modules are leaves too and
+   are recorded as *scripted* (their compiled code cannot be rewritten).
+2. Try to trace a module. If it traces, its whole sub-tree is covered by one graph.
+3. If it does not trace (``pack_padded_sequence`` on traced lengths, ``range(len(x))``,
+   ``if`` on a traced value, ...), trace each child on its own (recursively), then retry the
+   module with the children that failed kept as leaves. If the retry still fails, the
+   module is **opaque** (with the exception text as the reason) and each child keeps its own
+   result. LSTMs below an opaque module are still found later by walking ``named_modules``
+   and are replaced in place (module swap).
+
+A module's graph is only *usable for rewriting* if its forward does not branch on
+``self.training``: it is traced in both modes and the two graphs are compared (functional
+dropout's ``training=`` argument is made dynamic first, see :func:`dynamic_dropout_flags`).
+
+Post-condition: every module of the model is in exactly one of ``graphs`` (a traced root),
+``inlined`` (covered by an ancestor's graph), ``leaves`` (LSTM-like leaf), ``scripted`` or
+``opaque``; nothing raises except a ``KeyboardInterrupt``.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = [
+    "LSTM_TYPES",
+    "TracedGraph",
+    "TraceResult",
+    "LeafTracer",
+    "is_lstm_like",
+    "is_scripted",
+    "trace_module",
+    "trace_degrading",
+    "dynamic_dropout_flags",
+]
+
+LSTM_TYPES = (nn.LSTM, nn.LSTMCell)
+
+
+def is_scripted(m: nn.Module) -> bool:
+    return isinstance(m, torch.jit.ScriptModule)
+
+
+def is_lstm_like(m: nn.Module) -> bool:
+    """An eager ``nn.LSTM`` / ``nn.LSTMCell`` (or subclass): a leaf that is swapped, not traced."""
+    return isinstance(m, LSTM_TYPES) and not is_scripted(m)
+
+
+class LeafTracer(fx.Tracer):
+    """fx tracer with LSTM modules, TorchScript modules and ``extra_leaves`` kept as leaves."""
+
+    def __init__(self, extra_leaves: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.extra_leaves = extra_leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, LSTM_TYPES) or is_scripted(m) or id(m) in self.extra_leaves:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass
+class TracedGraph:
+    """One traced module: ``gm`` is its graph (traced in the module's current mode)."""
+
+    fqn: str
+    gm: fx.GraphModule
+    leaves: list[str]  # fqns (relative to this module) of opaque children kept as leaves
+    mode_independent: bool  # same graph in train() and eval() (rewriting is safe)
+    mode_reason: str = ""
+
+
+@dataclass
+class TraceResult:
+    graphs: dict[str, TracedGraph] = field(default_factory=dict)
+    inlined: dict[str, str] = field(default_factory=dict)  # fqn -> fqn of the graph covering it
+    leaves: dict[str, str] = field(default_factory=dict)  # fqn -> fqn of the graph calling it
+    opaque: dict[str, str] = field(default_factory=dict)  # fqn -> why it could not be traced
+    scripted: dict[str, str] = field(default_factory=dict)  # fqn -> reason
+
+    def graph_of(self, fqn: str) -> Optional[TracedGraph]:
+        """The traced graph whose code contains (inlines or calls) module ``fqn``."""
+        owner = self.inlined.get(fqn, self.leaves.get(fqn))
+        if owner is None and fqn in self.graphs:
+            owner = fqn
+        return self.graphs.get(owner) if owner is not None else None
+
+    def nearest_opaque(self, fqn: str) -> Optional[tuple[str, str]]:
+        """The closest opaque ancestor of ``fqn`` and its reason (None if none)."""
+        parts = fqn.split(".") if fqn else []
+        for i in range(len(parts) - 1, -1, -1):
+            anc = ".".join(parts[:i])
+            if anc in self.opaque:
+                return anc, self.opaque[anc]
+        return None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _short(e: BaseException, limit: int = 160) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def trace_module(module: nn.Module, extra_leaves: frozenset[int] = frozenset()) -> fx.GraphModule:
+    """Trace ``module`` with :class:`LeafTracer`; raises whatever tracing raises."""
+    tracer = LeafTracer(extra_leaves)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = tracer.trace(module)
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def dynamic_dropout_flags(gm: fx.GraphModule) -> int:
+    """Make ``F.dropout(x, p, training=<constant>)`` read ``self.training`` at run time.
+
+    Tracing bakes ``training=self.training`` in as a constant; a rewritten forward must keep
+    switching with ``train()``/``eval()``. Returns the number of nodes changed.
+
+    Before: ``dropout = F.dropout(x, p=0.2, training=True)``
+    After:  ``training = self.training; dropout = F.dropout(x, p=0.2, training=training)``
+    """
+    g = gm.graph
+    changed = 0
+    flag = None
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target in (F.dropout, torch.dropout, F.dropout1d,
+                                                          F.dropout2d, F.alpha_dropout):
+            if flag is None:
+                first = next(n for n in g.nodes if n.op != "placeholder")
+                with g.inserting_before(first), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # get_attr of a bool attribute is intended
+                    flag = g.get_attr("training")
+            if len(node.args) >= 3:
+                node.args = (*node.args[:2], flag, *node.args[3:])
+            else:
+                node.kwargs = {**node.kwargs, "training": flag}
+            changed += 1
+    if changed:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # get_attr of a bool is intended
+            g.lint()
+        gm.recompile()
+    return changed
+
+
+def _check_mode_independent(module: nn.Module, gm: fx.GraphModule, leaves: frozenset[int]) -> tuple[bool, str]:
+    was = module.training
+    try:
+        module.train(not was)
+        other = trace_module(module, leaves)
+    except Exception as e:  # traced in one mode, not in the other
+        return False, f"forward traces only in {'train' if was else 'eval'} mode ({_short(e)})"
+    finally:
+        module.train(was)
+    dynamic_dropout_flags(other)
+    if other.code != gm.code:
+        return False, "forward branches on self.training (train and eval graphs differ)"
+    return True, ""
+
+
+def trace_degrading(model: nn.Module) -> TraceResult:
+    """Trace ``model`` as far as it goes (see module docstring). Never raises on bad code."""
+    res = TraceResult()
+
+    def try_trace(module: nn.Module, fqn: str, leaves: frozenset[int]) -> Optional[fx.GraphModule]:
+        try:
+            return trace_module(module, leaves)
+        except Exception as e:
+            res.opaque[fqn] = _short(e)
+            return None
+
+    def record(module: nn.Module, fqn: str, gm: fx.GraphModule, leaves: frozenset[int]) -> None:
+        res.opaque.pop(fqn, None)
+        dynamic_dropout_flags(gm)
+        ok, why = _check_mode_independent(module, gm, leaves)
+        leaf_names = [name for name, sub in module.named_modules() if name and id(sub) in leaves]
+        # assign coverage: leaves stop the walk into their subtree
+        def walk(m: nn.Module, prefix: str) -> None:
+            for name, child in m.named_children():
+                full = _join(prefix, name)
+                if is_scripted(child):
+                    res.leaves[full] = fqn
+                    res.scripted.setdefault(full, "TorchScript module: compiled code cannot be traced or rewritten")
+                elif is_lstm_like(child) or id(child) in leaves:
+                    res.leaves[full] = fqn
+                    res.inlined.pop(full, None)
+                    res.graphs.pop(full, None)
+                else:
+                    res.inlined[full] = fqn
+                    res.graphs.pop(full, None)
+                    res.opaque.pop(full, None)
+                    walk(child, full)
+
+        walk(module, fqn)
+        res.graphs[fqn] = TracedGraph(fqn, gm, leaf_names, ok, why)
+
+    def visit(module: nn.Module, fqn: str) -> bool:
+        """True if ``module`` is covered by a graph rooted at it."""
+        if is_scripted(module):
+            res.scripted[fqn] = "TorchScript module: compiled code cannot be traced or rewritten"
+            return False
+        if is_lstm_like(module):
+            return False  # found and swapped by find_lstm; nothing to trace
+        gm = try_trace(module, fqn, frozenset())
+        if gm is not None:
+            record(module, fqn, gm, frozenset())
+            return True
+        failed: set[int] = set()
+        for name, child in module.named_children():
+            if is_lstm_like(child) or is_scripted(child):
+                if is_scripted(child):
+                    res.scripted[_join(fqn, name)] = "TorchScript module: compiled code cannot be traced or rewritten"
+                continue
+            if not visit(child, _join(fqn, name)):
+                failed.add(id(child))
+        if failed:
+            leaves = frozenset(failed)
+            gm = try_trace(module, fqn, leaves)
+            if gm is not None:
+                record(module, fqn, gm, leaves)
+                return True
+        return False
+
+    visit(model, "")
+    return res
+
+
+# operator/function tables shared by the passes -------------------------------------------
+ADD_TARGETS = (operator.add, torch.add, operator.iadd)
+MUL_TARGETS = (operator.mul, torch.mul, operator.imul)
