@@ -390,12 +390,189 @@ class WgradT(IndexedGemm):
         )
 
 
+def _check_blockrows(owner: str, S: int, Mx: int, My: int, kb: int, nb: int) -> None:
+    for name, v in (("S", S), ("Mx", Mx), ("My", My)):
+        if v < 1:
+            raise UnsupportedGemm(f"{owner}.{name} must be >= 1, got {v}")
+    if kb > nb:
+        raise UnsupportedGemm(f"{owner}: kb={kb} kept row blocks exceed the nb={nb} row blocks")
+
+
+@dataclass(frozen=True)
+class BlockRowsData(IndexedGemm):
+    """``C = D @ W[:, cols]`` with ``D`` a fine-grained sparse ``dnet`` -- backward-data of
+    fine gate-gradient sparsity (``ReferenceBackend.bwd_data_blockrows``), no scatter.
+
+    ``D`` (``nb*My`` rows x ``S*Mx`` columns) is never stored: column slice ``s`` keeps ``kb``
+    of its ``nb`` row blocks of ``My`` rows, packed in ``V``: (S, kb*My, Mx). ``pos``: (S, nb)
+    int32, the inverse map: ``pos[s, b]`` = the position of row block ``b`` among slice ``s``'s
+    kept blocks, ``-1`` when it is dropped. ``W``: (S*Mx, K); ``cols``: (1, k) kept columns of
+    W (omitted when ``k is None``). The gather of ``A`` reads each element of ``D`` from ``V``
+    or as zero (every output row is written once: no atomics); the reduction runs over all
+    ``S*Mx`` columns (a dropped My x Mx block is smaller than an mma fragment, so the
+    multiplications are not skipped, the loads of dropped blocks are).
+    """
+
+    S: int
+    Mx: int
+    My: int
+    nb: int
+    kb: int
+    K: int
+    k: int | None
+    dtype: str = "bfloat16"
+    tile: Tile = field(default_factory=Tile)
+
+    kind: ClassVar[str] = "blockrows_data"
+    T: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        _check_blockrows("BlockRowsData", self.S, self.Mx, self.My, self.kb, self.nb)
+        if self.k is not None:
+            _check_gather("BlockRowsData", "k", self.k, self.K, 1)
+
+    @property
+    def mnk(self):
+        return self.nb * self.My, (self.K if self.k is None else self.k), self.S * self.Mx
+
+    def params(self):
+        out = [
+            ("V", (self.S, max(1, self.kb * self.My), self.Mx), self.dtype),
+            ("W", (self.S * self.Mx, self.K), self.dtype),
+            ("pos", (self.S, self.nb), "int32"),
+        ]
+        if self.k is not None:
+            out.append(("cols", (1, max(1, self.k)), "int32"))
+        out.append(("C", self.out_shape, "float32"))
+        return out
+
+    def _compute(self, te, b):
+        from tvm import tirx
+
+        V, W, pos = b["V"], b["W"], b["pos"]
+        M, N, K = self.mnk
+        Mp, Np, Kp = self.padded
+        Mx, My = self.Mx, self.My
+
+        def d(m, c):  # element (m, c) of the sparse dnet: from V, or 0 in a dropped block
+            s, p = c // Mx, pos[c // Mx, m // My]
+            return tirx.if_then_else(p >= 0, V[s, p * My + m % My, c % Mx], self._zero())
+
+        def col(n):
+            return n if self.k is None else b["cols"][0, n]
+
+        Ag = te.compute(
+            (1, Mp, Kp),
+            lambda t, m, c: self._guard([m < M if Mp != M else None, c < K if Kp != K else None], d(m, c)),
+            name="A_g",
+        )
+        Bg = te.compute(
+            (1, Kp, Np),
+            lambda t, c, n: self._guard(
+                [c < K if Kp != K else None, n < N if Np != N else None], W[c, col(n)]
+            ),
+            name="B_g",
+        )
+        r = te.reduce_axis((0, Kp), name="r")
+        return te.compute(
+            (1, Mp, Np),
+            lambda t, m, n: te.sum(Ag[t, m, r].astype("float32") * Bg[t, r, n].astype("float32"), axis=r),
+            name="C",
+        )
+
+
+@dataclass(frozen=True)
+class BlockRowsWgrad(IndexedGemm):
+    """``C[s] = V[s].T @ X[rows_s][:, cols]`` for every column slice ``s`` in one launch --
+    weight gradient of fine gate-gradient sparsity (``ReferenceBackend.wgrad_blockrows``):
+    a gather of the kept row blocks along the reduction.
+
+    ``V``: (S, kb*My, Mx) kept values per slice; ``rows``: (S, kb) int32 kept row blocks of
+    ``My`` rows of ``X``: (n_rows, K); ``cols``: (1, k) kept columns of X (omitted when ``k is
+    None``). The slices are the batch (``T = S``) and the reduction runs over the ``kb*My``
+    kept rows only: dropped blocks are skipped. ``C[s]`` is the (Mx, k) block of the weight
+    gradient at rows ``[s*Mx, (s+1)*Mx)``; the caller adds it there. ``Mx`` (4 by default) is
+    padded to the tile's ``bm``: hence the default tile of 16 rows.
+    """
+
+    S: int
+    Mx: int
+    My: int
+    kb: int
+    n_rows: int
+    K: int
+    k: int | None
+    dtype: str = "bfloat16"
+    tile: Tile = field(default_factory=lambda: Tile(bm=16, bn=128, bk=32, warps_m=1, warps_n=4))
+
+    kind: ClassVar[str] = "blockrows_wgrad"
+    a_trans: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        if self.n_rows % max(1, self.My):
+            raise UnsupportedGemm(f"BlockRowsWgrad: n_rows={self.n_rows} is not a multiple of My={self.My}")
+        _check_blockrows("BlockRowsWgrad", self.S, self.Mx, self.My, self.kb, self.n_rows // self.My)
+        if self.k is not None:
+            _check_gather("BlockRowsWgrad", "k", self.k, self.K, 1)
+
+    @property
+    def T(self) -> int:  # one GEMM per column slice
+        return self.S
+
+    @property
+    def mnk(self):
+        return self.Mx, (self.K if self.k is None else self.k), self.kb * self.My
+
+    def params(self):
+        out = [
+            ("V", (self.S, max(1, self.kb * self.My), self.Mx), self.dtype),
+            ("X", (self.n_rows, self.K), self.dtype),
+            ("rows", (self.S, max(1, self.kb)), "int32"),
+        ]
+        if self.k is not None:
+            out.append(("cols", (1, max(1, self.k)), "int32"))
+        out.append(("C", self.out_shape, "float32"))
+        return out
+
+    def _compute(self, te, b):
+        V, X = b["V"], b["X"]
+        M, N, K = self.mnk
+        Mp, Np, Kp = self.padded
+
+        def col(n):
+            return n if self.k is None else b["cols"][0, n]
+
+        Ag = te.compute(
+            (self.S, Kp, Mp),
+            lambda s, j, m: self._guard([j < K if Kp != K else None, m < M if Mp != M else None], V[s, j, m]),
+            name="A_g",
+        )
+        Bg = te.compute(
+            (self.S, Kp, Np),
+            lambda s, j, n: self._guard(
+                [j < K if Kp != K else None, n < N if Np != N else None],
+                X[self._pos(b["rows"], s, j, self.My), col(n)],
+            ),
+            name="B_g",
+        )
+        r = te.reduce_axis((0, Kp), name="r")
+        return te.compute(
+            (self.S, Mp, Np),
+            lambda s, m, n: te.sum(Ag[s, r, m].astype("float32") * Bg[s, r, n].astype("float32"), axis=r),
+            name="C",
+        )
+
+
 def problem_key(spec_dict: dict[str, Any]) -> tuple:
     """Hashable lookup key of a spec dict: every field but the tile."""
     return tuple(sorted((k, v) for k, v in spec_dict.items() if k != "tile"))
 
 
-GENERATORS: dict[str, type[IndexedGemm]] = {c.kind: c for c in (GatherK, GatherKN, WgradT)}
+GENERATORS: dict[str, type[IndexedGemm]] = {
+    c.kind: c for c in (GatherK, GatherKN, WgradT, BlockRowsData, BlockRowsWgrad)
+}
 
 
 def spec_from_dict(d: dict[str, Any]) -> IndexedGemm:

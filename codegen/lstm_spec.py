@@ -17,8 +17,14 @@ method              GEMM                                             spec
 ``wgrad`` (hh)      (T,B,kc).T @ (T,B,H)[kept]                       WgradT(T, B, kc, H, k_h)
 ==================  ===============================================  =====================
 
-A GEMM with nothing sparse is dense and stays on cuBLAS (no spec). Fine-grained gate sparsity
-(block rows) has no generated kernel yet: those GEMMs use the reference path.
+With coarse gate sparsity the ``bwd_data`` specs index ``dnet``'s kept slices as blocks
+(``P`` = the slice width). With fine gate sparsity (``My x Mx`` blocks, ``K`` dropped per
+slice) the column GEMMs are replaced, per step and per weight (``K_w`` = I or H, ``k`` =
+k_in or k_h), by ``bwd_data_blockrows`` = ``BlockRowsData(S=4H/Mx, Mx, My=1, nb=B_pad,
+kb=kept rows, K_w, k)`` and ``wgrad_blockrows`` = ``BlockRowsWgrad(S, Mx, 1, kept rows, B_pad,
+K_w, k)``, at row granularity (see :func:`fine_rows`), for the full batch ``B`` only.
+
+A GEMM with nothing sparse is dense and stays on cuBLAS (no spec).
 Pure Python: no TVM, no torch needed for :class:`LSTMSpec` itself.
 """
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import UnsupportedGemm
-from .gemm_gather import GatherK, GatherKN, IndexedGemm, WgradT
+from .gemm_gather import BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, IndexedGemm, WgradT
 
 _DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
            "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
@@ -56,6 +62,29 @@ def kept_gate_columns(hidden_size: int, gate: dict[str, Any] | None) -> int | No
     if mode == "meprop":
         return max(1, min(cols, int(math.floor(gate.get("keep", 0.5) * cols + 0.5))))
     return None
+
+
+def gate_block(gate: dict[str, Any] | None) -> int:
+    """Width of the kept column blocks of ``dnet`` the backward-data kernel indexes: the slice
+    width ``P`` for coarse sparsity (``g_cols`` comes in aligned runs of ``P``), else 1."""
+    if gate and gate.get("mode", "coarse") == "coarse":
+        return int(gate.get("P", 4))
+    return 1
+
+
+def fine_rows(hidden_size: int, batch: int, gate: dict[str, Any] | None) -> dict[str, int] | None:
+    """Row-granular shape of a fine-grained sparse ``dnet`` at full batch, as the backend
+    indexes it: ``S`` column slices of ``Mx``, ``nb`` = the batch padded to ``My`` rows, ``kb``
+    kept rows per slice (``My = 1``: the backend methods get row numbers, not the block
+    height, and rows of aligned blocks of any height are exact at row granularity).
+    ``None`` when not fine mode or the config cannot apply (``K`` >= blocks per slice)."""
+    if not gate or gate.get("mode") != "fine":
+        return None
+    My, Mx, K = gate.get("My", 8), gate.get("Mx", 4), gate.get("K", 4)
+    nb = -(-batch // My)
+    if (4 * hidden_size) % Mx or K >= nb:
+        return None
+    return {"S": 4 * hidden_size // Mx, "Mx": Mx, "My": 1, "nb": nb * My, "kb": (nb - K) * My}
 
 
 @dataclass(frozen=True)
@@ -112,6 +141,8 @@ class LSTMSpec:
         sd = self.structured_dropout or {}
         p_in, p_h = sd.get("p_input", 0.0), sd.get("p_recurrent", 0.0)
         kc = kept_gate_columns(H, self.gate_sparsity)
+        P = gate_block(self.gate_sparsity)
+        fine = fine_rows(H, B, self.gate_sparsity)
         out: list[tuple[str, IndexedGemm]] = []
         dirs = 2 if self.bidirectional else 1
         for layer in range(self.num_layers):
@@ -122,11 +153,17 @@ class LSTMSpec:
                 out.append(("fwd_input", GatherK(T=T, M=B, N=4 * H, K=I, k=k_in, dtype=dt)))
             if k_h is not None:
                 out.append(("fwd_recurrent", GatherK(T=1, M=B, N=4 * H, K=H, k=k_h, dtype=dt)))
+            if fine is not None:
+                for K, k in ((I, k_in), (H, k_h)):
+                    out.append(("bwd_data_blockrows", BlockRowsData(K=K, k=k, dtype=dt, **fine)))
+                    out.append(("wgrad_blockrows", BlockRowsWgrad(
+                        S=fine["S"], Mx=fine["Mx"], My=1, kb=fine["kb"], n_rows=fine["nb"], K=K, k=k, dtype=dt)))
+                continue
             if kc is not None or k_in is not None:
-                out.append(("bwd_data", GatherKN(T=T, M=B, Nw=4 * H, Kw=I, kc=kc, kn=k_in, dtype=dt)))
+                out.append(("bwd_data", GatherKN(T=T, M=B, Nw=4 * H, Kw=I, kc=kc, kn=k_in, dtype=dt, P=P)))
                 out.append(("wgrad", WgradT(T=T, B=B, kc=kc or 4 * H, K=I, k=k_in, dtype=dt)))
             if kc is not None or k_h is not None:
-                out.append(("bwd_data", GatherKN(T=1, M=B, Nw=4 * H, Kw=H, kc=kc, kn=k_h, dtype=dt)))
+                out.append(("bwd_data", GatherKN(T=1, M=B, Nw=4 * H, Kw=H, kc=kc, kn=k_h, dtype=dt, P=P)))
                 out.append(("wgrad", WgradT(T=T, B=B, kc=kc or 4 * H, K=H, k=k_h, dtype=dt)))
         seen, unique = set(), []
         for method, spec in out:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from rnn_sparsify.codegen.errors import BundleError, CodegenError
-from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, WgradT
+from rnn_sparsify.codegen.gemm_gather import BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, WgradT
 
 from . import register_backend_rule, unregister_backend_rule
 from .reference import ReferenceBackend
@@ -37,6 +37,14 @@ from .reference import ReferenceBackend
 ENV_VAR = "RNN_SPARSIFY_KERNELS"
 RULE_NAME = "tvm_cuda"
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def block_offsets(idx: Tensor, P: int) -> Tensor:
+    """Kept element indices in runs of ``P`` starting at multiples of ``P`` -> block numbers:
+    ``(..., k) -> (..., k / P)``. The run structure is the caller's contract (coarse gate
+    slices, see :meth:`ReferenceBackend.bwd_data`); it is not re-checked here (that would
+    synchronize the GPU)."""
+    return idx.reshape(*idx.shape[:-1], -1, P)[..., 0] // P
 
 
 class CudaKernelBackend(ReferenceBackend):
@@ -50,7 +58,12 @@ class CudaKernelBackend(ReferenceBackend):
 
     # -- lookup / bookkeeping ----------------------------------------------------------
     def _kernel(self, method: str, make_spec, tensors: tuple[Tensor, ...]):
-        """The kernel for this call, or ``None`` (recorded with the reason)."""
+        """The kernel for this call, or ``None`` (recorded with the reason).
+
+        ``make_spec(dtype_name)`` returns the spec, or a sequence of candidate specs in order of
+        preference (the first one the bundle has wins; one that no generator takes is skipped).
+        Returns the kernel, or ``(kernel, candidate position)`` for a sequence.
+        """
         dt = tensors[0].dtype
         if any(t.device != self.bundle.device for t in tensors):
             self.paths[method]["reference: operand on another device"] += 1
@@ -58,17 +71,23 @@ class CudaKernelBackend(ReferenceBackend):
         if dt not in _DTYPE_NAMES or any(t.dtype != dt for t in tensors):
             self.paths[method]["reference: dtype"] += 1
             return None
-        try:
-            spec = make_spec(_DTYPE_NAMES[dt])
-        except CodegenError:
+        makers = make_spec if isinstance(make_spec, (list, tuple)) else (make_spec,)
+        specs = []
+        for i, make in enumerate(makers):
+            try:
+                specs.append((i, make(_DTYPE_NAMES[dt])))
+            except CodegenError:
+                continue
+        if not specs:
             self.paths[method]["reference: no generator for this shape"] += 1
             return None
-        kernel = self.bundle.find(spec.to_dict())
-        if kernel is None:
-            self.paths[method]["reference: no kernel in bundle for this shape"] += 1
-            return None
-        self.paths[method]["kernel"] += 1
-        return kernel
+        for i, spec in specs:
+            kernel = self.bundle.find(spec.to_dict())
+            if kernel is not None:
+                self.paths[method]["kernel"] += 1
+                return (kernel, i) if makers is make_spec else kernel
+        self.paths[method]["reference: no kernel in bundle for this shape"] += 1
+        return None
 
     @staticmethod
     def _idx(idx: Tensor, T: int) -> Tensor:
@@ -120,25 +139,34 @@ class CudaKernelBackend(ReferenceBackend):
         ref = super().bwd_data
         if (g_cols is None and out_idx is None) or g.dim() not in (2, 3):
             self.paths["bwd_data"]["reference: dense or unsupported rank"] += 1
-            return ref(g, g_cols, w, out_idx, alpha)
+            return ref(g, g_cols, w, out_idx, alpha, block)
         batched = g.dim() == 3
         T = g.shape[0] if batched else 1
         M, kc = g.shape[-2:]
         for ix in (g_cols, out_idx):
             if ix is not None and (ix.dim() > (2 if batched else 1) or (ix.dim() == 2 and ix.shape[0] != T)):
                 self.paths["bwd_data"]["reference: index rank"] += 1
-                return ref(g, g_cols, w, out_idx, alpha)
+                return ref(g, g_cols, w, out_idx, alpha, block)
         Nw, Kw = w.shape
         kn = None if out_idx is None else out_idx.shape[-1]
         kcs = None if g_cols is None else kc
-        kern = self._kernel(
-            "bwd_data", lambda dt: GatherKN(T=T, M=M, Nw=Nw, Kw=Kw, kc=kcs, kn=kn, dtype=dt), (g, w)
-        )
-        if kern is None:
-            return ref(g, g_cols, w, out_idx, alpha)
+
+        def spec(P):
+            return lambda dt: GatherKN(T=T, M=M, Nw=Nw, Kw=Kw, kc=kcs, kn=kn, dtype=dt, P=P)
+
+        # coarse gate slices: the kernel over kept blocks of ``block`` rows of W first (a
+        # bundle built for the config has it), then the one over single rows
+        blocked = g_cols is not None and block > 1
+        found = self._kernel("bwd_data", [spec(block), spec(1)] if blocked else [spec(1)], (g, w))
+        if found is None:
+            return ref(g, g_cols, w, out_idx, alpha, block)
+        kern, which = found
         args = {"G": g if batched else g.unsqueeze(0), "W": w}
         if g_cols is not None:
-            args["rows"] = self._idx(g_cols, T)
+            if blocked and which == 0:
+                args["rows"] = self._idx(block_offsets(g_cols, block), T)
+            else:
+                args["rows"] = self._idx(g_cols, T)
         if out_idx is not None:
             args["cols"] = self._idx(out_idx, T)
         C = self._run(kern, **args)
@@ -150,13 +178,15 @@ class CudaKernelBackend(ReferenceBackend):
         ref = super().wgrad
         if (g_cols is None and x_idx is None) or g.dim() != 3 or x.dim() != 3:
             self.paths["wgrad"]["reference: dense or unsupported rank"] += 1
-            return ref(g, g_cols, x, x_idx, out, alpha)
+            return ref(g, g_cols, x, x_idx, out, alpha, block)
         T, B, kc = g.shape
         K = x.shape[2]
         k = None if x_idx is None else x_idx.shape[-1]
+        # the kernel never reads g_cols (G holds the kept columns, the product is scattered to
+        # rows g_cols below), so ``block`` does not change it
         kern = self._kernel("wgrad", lambda dt: WgradT(T=T, B=B, kc=kc, K=K, k=k, dtype=dt), (g, x))
         if kern is None:
-            return ref(g, g_cols, x, x_idx, out, alpha)
+            return ref(g, g_cols, x, x_idx, out, alpha, block)
         args = {"G": g, "X": x}
         if x_idx is not None:
             args["idx"] = self._idx(x_idx, T)
@@ -172,6 +202,68 @@ class CudaKernelBackend(ReferenceBackend):
         if cols.dim() == 1:
             cols = cols.expand(T, -1)
         out.index_put_((rows[:, :, None], cols[:, None, :]), prod.to(out.dtype), accumulate=True)
+
+    # -- fine-grained (block-row sparse) gate gradients --------------------------------
+    # The methods get row numbers, not the block height My: the kernels index at row
+    # granularity (spec My = 1), exact for kept blocks of any height (see lstm_spec.fine_rows).
+    def _blockrows_args(self, vals: Tensor, idx: Tensor | None) -> dict[str, Tensor]:
+        S, r, Mx = vals.shape
+        args = {"V": vals if r else vals.new_zeros(S, 1, Mx)}  # empty selection: a dummy row
+        if idx is not None:
+            cols = idx.to(torch.int32).reshape(1, -1)
+            args["cols"] = cols if cols.shape[1] else cols.new_zeros(1, 1)
+        return args
+
+    @staticmethod
+    def _blockrows_shapes_ok(vals: Tensor, rows: Tensor, idx: Tensor | None) -> bool:
+        return (vals.dim() == 3 and rows.shape == vals.shape[:2]
+                and (idx is None or idx.dim() == 1))
+
+    def bwd_data_blockrows(self, vals, rows, w, out_idx, n_rows: int, alpha: float = 1.0):
+        ref = super().bwd_data_blockrows
+        if not self._blockrows_shapes_ok(vals, rows, out_idx) or w.shape[0] != vals.shape[0] * vals.shape[2]:
+            self.paths["bwd_data_blockrows"]["reference: unsupported rank or shape"] += 1
+            return ref(vals, rows, w, out_idx, n_rows, alpha)
+        S, r, Mx = vals.shape
+        K = w.shape[1]
+        k = None if out_idx is None else out_idx.shape[0]
+        kern = self._kernel(
+            "bwd_data_blockrows",
+            lambda dt: BlockRowsData(S=S, Mx=Mx, My=1, nb=n_rows, kb=r, K=K, k=k, dtype=dt), (vals, w),
+        )
+        if kern is None:
+            return ref(vals, rows, w, out_idx, n_rows, alpha)
+        # inverse map: pos[s, row] = position of ``row`` among slice s's kept rows, -1 if dropped
+        pos = torch.full((S, n_rows), -1, dtype=torch.int32, device=vals.device)
+        pos.scatter_(1, rows, torch.arange(r, dtype=torch.int32, device=vals.device).expand(S, r))
+        C = self._run(kern, W=w, pos=pos, **self._blockrows_args(vals, out_idx))
+        return self._finish(C, n_rows, K if k is None else k, alpha, vals.dtype)[0]
+
+    def wgrad_blockrows(self, vals, rows, x, x_idx, out, alpha: float = 1.0) -> None:
+        ref = super().wgrad_blockrows
+        if (not self._blockrows_shapes_ok(vals, rows, x_idx) or x.dim() != 2
+                or out.shape != (vals.shape[0] * vals.shape[2], x.shape[1])):
+            self.paths["wgrad_blockrows"]["reference: unsupported rank or shape"] += 1
+            return ref(vals, rows, x, x_idx, out, alpha)
+        S, r, Mx = vals.shape
+        n_rows, K = x.shape
+        k = None if x_idx is None else x_idx.shape[0]
+        kern = self._kernel(
+            "wgrad_blockrows",
+            lambda dt: BlockRowsWgrad(S=S, Mx=Mx, My=1, kb=r, n_rows=n_rows, K=K, k=k, dtype=dt), (vals, x),
+        )
+        if kern is None:
+            return ref(vals, rows, x, x_idx, out, alpha)
+        rows32 = rows.to(torch.int32) if r else rows.new_zeros(S, 1, dtype=torch.int32)
+        C = self._run(kern, X=x, rows=rows32, **self._blockrows_args(vals, x_idx))
+        prod = C[:, :Mx, : (K if k is None else k)]
+        if alpha != 1.0:
+            prod = prod * alpha
+        view = out.view(S, Mx, K)
+        if x_idx is None:
+            view.add_(prod.to(out.dtype))
+        else:
+            view[:, :, x_idx] += prod.to(out.dtype)
 
     # -- reporting -------------------------------------------------------------------
     def summary(self) -> dict[str, dict[str, int]]:

@@ -41,3 +41,24 @@ def wgrad_t(G, X, idx=None, P=1):
 def kept_blocks(rng, T: int, n_blocks: int, kept: int) -> np.ndarray:
     """(T, kept) sorted distinct block numbers per step (kept may be 0)."""
     return np.stack([np.sort(rng.choice(n_blocks, kept, replace=False)) for _ in range(T)]).astype(np.int32).reshape(T, kept)
+
+
+def positions_2d(blocks: np.ndarray, P: int) -> np.ndarray:
+    """(S, kb) kept blocks of width P -> (S, kb*P) positions."""
+    return (blocks[:, :, None].astype(np.int64) * P + np.arange(P)).reshape(blocks.shape[0], -1)
+
+
+def bwd_data_blockrows(vals, rows, W, cols, n_rows):
+    """The dense dnet D (n_rows x S*Mx) with vals at their rows, zero elsewhere; D @ W[:, cols]."""
+    S, r, Mx = vals.shape
+    D = np.zeros((n_rows, S * Mx))
+    for s in range(S):
+        D[rows[s], s * Mx:(s + 1) * Mx] = vals[s]
+    c = np.arange(W.shape[1]) if cols is None else cols[0]
+    return D @ W[:, c]
+
+
+def wgrad_blockrows(vals, rows, X, cols):
+    """C[s] = vals[s].T @ X[rows[s]][:, cols]"""
+    c = np.arange(X.shape[1]) if cols is None else cols[0]
+    return np.stack([vals[s].T @ X[rows[s]][:, c] for s in range(vals.shape[0])])

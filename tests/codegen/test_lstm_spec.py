@@ -30,7 +30,10 @@ def test_gate_sparsity_and_layers():
     kinds = [(m, sp) for m, sp in s.gemms()]
     # 24 columns = 6 slices of 4 = 2 regions of 3, one slice dropped per region
     assert kept_gate_columns(6, {"mode": "coarse", "P": 4, "R": 3, "S": 1}) == 16
-    assert ("bwd_data", GatherKN(T=5, M=4, Nw=24, Kw=12, kc=16, kn=None)) in kinds  # layer 1 input = 2H
+    # layer 1 input = 2H; dnet's kept columns are aligned slices of P = 4: block-indexed rows
+    assert ("bwd_data", GatherKN(T=5, M=4, Nw=24, Kw=12, kc=16, kn=None, P=4)) in kinds
+    assert all(sp.P == 4 for m, sp in kinds if m == "bwd_data")
+    assert ("wgrad", WgradT(T=5, B=4, kc=16, K=12, k=None)) in kinds  # the wgrad kernel never reads g_cols
     assert all(m != "fwd_input" for m, _ in kinds)
 
 
@@ -56,3 +59,24 @@ def test_specs_from_model():
     (spec,) = specs_from_model(model, batch=4, seq_len=7)
     assert spec.name == "1" and spec.dtype == "float32" and spec.structured_dropout["p_recurrent"] == 0.25
     assert ("fwd_recurrent", GatherK(T=1, M=4, N=64, K=16, k=12, dtype="float32")) in spec.gemms()
+
+
+def test_fine_gate_sparsity_uses_blockrows_kernels():
+    from rnn_sparsify.codegen.gemm_gather import BlockRowsData, BlockRowsWgrad
+
+    s = LSTMSpec(input_size=12, hidden_size=10, batch=20, seq_len=5, dtype="fp16",
+                 structured_dropout={"p_input": 0.5}, gate_sparsity={"mode": "fine", "My": 8, "Mx": 4, "K": 1})
+    pairs = s.gemms()
+    # batch 20 = 3 blocks of 8 (24 padded rows), 2 kept per slice = 16 rows; 40 columns = 10 slices
+    assert ("bwd_data_blockrows", BlockRowsData(S=10, Mx=4, My=1, nb=24, kb=16, K=12, k=6, dtype="float16")) in pairs
+    assert ("bwd_data_blockrows", BlockRowsData(S=10, Mx=4, My=1, nb=24, kb=16, K=10, k=None, dtype="float16")) in pairs
+    assert ("wgrad_blockrows", BlockRowsWgrad(S=10, Mx=4, My=1, kb=16, n_rows=24, K=12, k=6, dtype="float16")) in pairs
+    assert {m for m, _ in pairs} == {"fwd_input", "bwd_data_blockrows", "wgrad_blockrows"}
+    # K >= blocks per slice: the config cannot run at this batch, no specs for it
+    bad = LSTMSpec(input_size=12, hidden_size=10, batch=8, seq_len=5, gate_sparsity={"mode": "fine", "My": 8, "K": 1})
+    assert bad.gemms() == []
+
+
+def test_meprop_columns_are_not_blocks():
+    s = LSTMSpec(input_size=8, hidden_size=8, batch=4, seq_len=3, gate_sparsity={"mode": "meprop", "keep": 0.5})
+    assert all(sp.P == 1 for m, sp in s.gemms() if m == "bwd_data")
