@@ -20,6 +20,12 @@ _LAZY = {
     "GradualPruningScheduler": "rnn_sparsify.weight_sparsity",
     "DSTScheduler": "rnn_sparsify.weight_sparsity",
     "DenseAfterSparse": "rnn_sparsify.weight_sparsity",
+    "attach_weight_sparsity": "rnn_sparsify.weight_sparsity",
+    "detach_weight_sparsity": "rnn_sparsify.weight_sparsity",
+    "weight_sparsity_stats": "rnn_sparsify.weight_sparsity",
+    "strip_weight_masks": "rnn_sparsify.weight_sparsity",
+    "inspect_model": "rnn_sparsify.sparsify",
+    "get_report": "rnn_sparsify.sparsify",
 }
 
 __all__ = [

@@ -200,6 +200,8 @@ def config_from_dict(d: dict[str, Any]):
     """Inverse of ``cfg.to_dict()``."""
     d = dict(d)
     kind = d.pop("kind", None)
+    if kind == "weight_sparsity" and kind not in CONFIG_TYPES:
+        from . import weight_sparsity  # noqa: F401  (registers WeightSparsity on import)
     if kind not in CONFIG_TYPES:
         raise ValueError(f"unknown config kind {kind!r}; known: {sorted(CONFIG_TYPES)}")
     return CONFIG_TYPES[kind](**d)

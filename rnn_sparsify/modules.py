@@ -43,6 +43,17 @@ def check_configs(structured_dropout, gate_sparsity, hidden_size: int, owner: st
         gate_sparsity.validate_for(hidden_size, owner)
 
 
+def _copy_state(src: nn.Module, dst: nn.Module) -> None:
+    """Copy parameters, weight-sparsity masks (if any) and train mode from ``src`` to ``dst``."""
+    ws = getattr(src, "weight_sparsity", None)
+    if ws is not None:
+        from .weight_sparsity import attach_weight_sparsity
+
+        attach_weight_sparsity(dst, ws)  # registers the mask buffers; the load below fills them
+    dst.load_state_dict(src.state_dict())
+    dst.train(src.training)
+
+
 class SparseMixin:
     structured_dropout: Optional[StructuredDropout]
     gate_sparsity: Optional[GateGradientSparsity]
@@ -155,8 +166,7 @@ class SparseLSTM(SparseMixin, nn.LSTM):
             structured_dropout=structured_dropout,
             gate_sparsity=gate_sparsity,
         )
-        new.load_state_dict(lstm.state_dict())
-        new.train(lstm.training)
+        _copy_state(lstm, new)
         return new
 
     def to_dense(self) -> nn.LSTM:
@@ -233,8 +243,7 @@ class SparseLSTMCell(SparseMixin, nn.LSTMCell):
             structured_dropout=structured_dropout,
             gate_sparsity=gate_sparsity,
         )
-        new.load_state_dict(cell.state_dict())
-        new.train(cell.training)
+        _copy_state(cell, new)
         return new
 
     def to_dense(self) -> nn.LSTMCell:

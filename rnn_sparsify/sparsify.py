@@ -267,6 +267,12 @@ class SparsifyReport:
             lines.append("configs: " + "; ".join(str(c) for c in self.configs))
         for fqn, changes in self.graph_rewrites.items():
             lines.append(f"rewrote forward of {display_fqn(fqn)}: " + "; ".join(changes))
+        ws = [e for e in self.lstms if e.weight_sparsity]
+        if ws:
+            from .weight_sparsity import format_weight_sparsity_stats
+
+            lines.append("")
+            lines.extend(format_weight_sparsity_stats(e.weight_sparsity, display_fqn(e.fqn)) for e in ws)
         for dd in self.dropouts:
             if not dd.get("fused"):
                 lines.append(f"dropout {dd['node']} not fused into {dd['target']}: {dd['reason']}")

@@ -38,7 +38,6 @@ sparsity per gate.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import weakref
