@@ -207,8 +207,8 @@ class LSTMLayerFunction(torch.autograd.Function):
             dw_hh = torch.zeros_like(w_hh)
         if ctx.has_bias and (need[5] or need[6]):
             db = x.new_zeros(C)
-        if need[0]:
-            dx = x.new_zeros(T, B, I)
+        if need[0] and (fine or plan.in_idx is not None):
+            dx = x.new_zeros(T, B, I)  # written only at kept units / rows (else the GEMM fills it)
 
         if not fine:
             if need[0]:

@@ -54,6 +54,13 @@ def _copy_state(src: nn.Module, dst: nn.Module) -> None:
     dst.train(src.training)
 
 
+def _load_parameters(dst: nn.Module, src: nn.Module) -> None:
+    """Load ``src``'s state into ``dst``, keeping only the keys ``dst`` has (weight-sparsity
+    masks of ``src`` are left out: ``dst`` is a plain module)."""
+    keys = dst.state_dict().keys()
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k in keys})
+
+
 class SparseMixin:
     structured_dropout: Optional[StructuredDropout]
     gate_sparsity: Optional[GateGradientSparsity]
@@ -184,7 +191,7 @@ class SparseLSTM(SparseMixin, nn.LSTM):
             device=w.device,
             dtype=w.dtype,
         )
-        dense.load_state_dict({k: v for k, v in self.state_dict().items() if k in dense.state_dict()})
+        _load_parameters(dense, self)
         dense.train(self.training)
         return dense
 
@@ -249,7 +256,7 @@ class SparseLSTMCell(SparseMixin, nn.LSTMCell):
     def to_dense(self) -> nn.LSTMCell:
         w = self.weight_ih
         dense = nn.LSTMCell(self.input_size, self.hidden_size, bias=self.bias, device=w.device, dtype=w.dtype)
-        dense.load_state_dict({k: v for k, v in self.state_dict().items() if k in dense.state_dict()})
+        _load_parameters(dense, self)
         dense.train(self.training)
         return dense
 

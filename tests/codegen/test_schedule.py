@@ -18,18 +18,23 @@ SPECS = {
 ARCHS = ("sm_80", "sm_90")
 
 
-@pytest.fixture(scope="module")
-def built(tvm, nvcc, tmp_path_factory):
-    """(name, arch) -> (entry, folder) for every representative spec, built once per module."""
+def build_all(specs, archs, tmp_path_factory):
+    """(name, arch) -> (entry, folder) for every spec and arch, each built in its own folder."""
     from rnn_sparsify.codegen.aot import build_entry, toolchain_versions
 
     versions = toolchain_versions()
     out = {}
-    for name, spec in SPECS.items():
-        for arch in ARCHS:
+    for name, spec in specs.items():
+        for arch in archs:
             folder = tmp_path_factory.mktemp(f"{name}_{arch}")
             out[name, arch] = (build_entry(spec, arch, folder, versions), folder)
     return out
+
+
+@pytest.fixture(scope="module")
+def built(tvm, nvcc, tmp_path_factory):
+    """Every representative spec, built once per module."""
+    return build_all(SPECS, ARCHS, tmp_path_factory)
 
 
 def _sass(entry, folder):

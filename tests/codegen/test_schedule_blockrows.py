@@ -8,7 +8,7 @@ import pytest
 
 from rnn_sparsify.codegen.gemm_gather import BlockRowsData, BlockRowsWgrad
 
-from .test_schedule import _sass
+from .test_schedule import _sass, build_all
 
 pytestmark = pytest.mark.tvm
 
@@ -24,15 +24,7 @@ ARCHS = ("sm_80", "sm_90")
 
 @pytest.fixture(scope="module")
 def built(tvm, nvcc, tmp_path_factory):
-    from rnn_sparsify.codegen.aot import build_entry, toolchain_versions
-
-    versions = toolchain_versions()
-    out = {}
-    for name, spec in SPECS.items():
-        for arch in ARCHS:
-            folder = tmp_path_factory.mktemp(f"{name}_{arch}")
-            out[name, arch] = (build_entry(spec, arch, folder, versions), folder)
-    return out
+    return build_all(SPECS, ARCHS, tmp_path_factory)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -30,8 +30,7 @@ def _run_both(mod, x, h0, c0, batch_sizes=None, gate_cfg=None, lengths=None, see
     Returns ((out, h, c, grads) sparse, (...) reference)."""
     torch.manual_seed(seed)
     mod.record_plans = True
-    T, B = x.shape[:2]
-    wy = torch.randn(T, B, mod.proj_size or mod.hidden_size * (1 + mod.bidirectional), dtype=F64)
+    T = x.shape[0]
     wy = torch.randn(*x.shape[:2], (mod.proj_size or mod.hidden_size) * (2 if mod.bidirectional else 1), dtype=F64)
     wh = torch.randn_like(h0)
     wc = torch.randn_like(c0)
