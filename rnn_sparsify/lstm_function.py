@@ -26,7 +26,11 @@ after the loop, in one batched launch each:
   ``h_{t-1}`` (wgrad; row sparsity: dropped units' rows are never touched),
 * ``db += sum of dnet_t^kept over rows`` at the kept columns.
 
-All GEMMs go through the backend object (``rnn_sparsify.kernels``), one method per GEMM.
+This per-step composition is one *layer backend* (:class:`~rnn_sparsify.kernels.layer.
+ComposedLayerBackend`): :class:`LSTMLayerFunction` hands the whole layer/direction to the
+backend chosen by the rule list of :mod:`rnn_sparsify.kernels.layer`; faster backends (the
+TVM CPU kernels, :mod:`rnn_sparsify.kernels.cpu_backend`) own the time loop themselves. On the
+reference GEMMs this composition is the float64 oracle.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import gate_selection as gs
 from .config import GateGradientSparsity, kept_count
-from .kernels import select_backend
+from .kernels.layer import LayerProblem, as_layer_backend, select_layer_backend
 
 
 @dataclass
@@ -76,184 +80,199 @@ def draw_kept_units(T: int, n: int, p: float, device) -> tuple[Optional[Tensor],
     return torch.sort(idx, dim=1).values, n / k
 
 
+def composed_forward(be, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, plan: LayerPlan):
+    """Forward of :class:`~rnn_sparsify.kernels.layer.ComposedLayerBackend`: the per-step
+    composition of indexed GEMMs on the GEMM backend ``be`` (the reference oracle)."""
+    T, B, _ = x.shape
+    H = w_ih.shape[0] // 4
+    Hout = w_hh.shape[1]
+    bs = plan.batch_sizes
+    pre_x = be.fwd_input(x, w_ih, plan.in_idx, plan.in_scale)
+    if b_ih is not None:
+        pre_x += b_ih + b_hh
+    h = h0.clone()
+    c = c0.clone()
+    gates = x.new_zeros(T, B, 4 * H)
+    c_all = x.new_zeros(T, B, H)
+    cprev_all = x.new_zeros(T, B, H)
+    hprev_all = x.new_zeros(T, B, Hout)
+    m_all = x.new_zeros(T, B, H) if w_hr is not None else None
+    y = x.new_zeros(T, B, Hout)
+    steps = range(T - 1, -1, -1) if plan.reverse else range(T)
+    for t in steps:
+        n = bs[t] if bs is not None else B
+        hp = h[:n]
+        hprev_all[t, :n] = hp
+        rec = None if plan.rec_idx is None else plan.rec_idx[t]
+        pre = pre_x[t, :n] + be.fwd_recurrent(hp, w_hh, rec, plan.rec_scale)
+        i, f, g, o = pre.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        cp = c[:n]
+        cprev_all[t, :n] = cp
+        cn = f * cp + i * g
+        m = o * torch.tanh(cn)
+        if w_hr is not None:
+            m_all[t, :n] = m
+            hn = m @ w_hr.t()
+        else:
+            hn = m
+        gates[t, :n] = torch.cat([i, f, g, o], dim=1)
+        c_all[t, :n] = cn
+        c[:n] = cn
+        h[:n] = hn
+        y[t, :n] = hn
+    saved = (x, w_ih, w_hh, w_hr, gates, c_all, cprev_all, hprev_all, m_all)
+    return y, h, c, saved, b_ih is not None
+
+
+def composed_backward(be, saved, has_bias, plan: LayerPlan, dy, dhn, dcn, need):
+    """Backward of :class:`~rnn_sparsify.kernels.layer.ComposedLayerBackend`."""
+    x, w_ih, w_hh, w_hr, gates, c_all, cprev_all, hprev_all, m_all = saved
+    T, B, I = x.shape
+    H = w_ih.shape[0] // 4
+    C = 4 * H
+    bs = plan.batch_sizes
+    cfg = plan.gate_sparsity
+    fine = cfg is not None and cfg.mode == "fine"
+    colwise = cfg is not None and not fine
+    blk = cfg.P if (cfg is not None and cfg.mode == "coarse") else 1
+    n0 = bs[0] if bs is not None else B
+    if fine:
+        gs.check_fine_batch(cfg, n0)
+
+    dh = dhn.clone()
+    dc = dcn.clone()
+    kc = gs.kept_column_count(C, cfg) if colwise else C
+    G = None if fine else x.new_zeros(T, B, kc)
+    cols_all = x.new_zeros(T, kc, dtype=torch.long) if colwise else None
+    fine_steps: list = []  # (t, n, vals, rows) for fine mode
+    dr_all = x.new_zeros(T, B, w_hr.shape[0]) if w_hr is not None else None
+
+    steps = range(T) if plan.reverse else range(T - 1, -1, -1)
+    for t in steps:
+        n = bs[t] if bs is not None else B
+        dh_t = dh[:n] + dy[t, :n]
+        if w_hr is not None:
+            dr_all[t, :n] = dh_t
+            dm = dh_t @ w_hr
+        else:
+            dm = dh_t
+        i, f, g, o = gates[t, :n].chunk(4, dim=1)
+        tc = torch.tanh(c_all[t, :n])
+        dct = dc[:n] + dm * o * (1 - tc * tc)
+        dnet = torch.cat(
+            [
+                dct * g * i * (1 - i),
+                dct * cprev_all[t, :n] * f * (1 - f),
+                dct * i * (1 - g * g),
+                dm * tc * o * (1 - o),
+            ],
+            dim=1,
+        )
+        dc[:n] = dct * f
+        rec = None if plan.rec_idx is None else plan.rec_idx[t]
+        if cfg is None:
+            G[t, :n] = dnet
+            dprev = be.bwd_data(dnet, None, w_hh, rec, plan.rec_scale)
+        elif colwise:
+            cols = gs.kept_columns(dnet, cfg)
+            vals = dnet[:, cols]
+            G[t, :n] = vals
+            cols_all[t] = cols
+            dprev = be.bwd_data(vals, cols, w_hh, rec, plan.rec_scale, block=blk)
+            if plan.record_selections:
+                plan.selections[t] = cols
+        else:
+            blocks = gs.fine_kept_blocks(dnet, cfg.My, cfg.Mx, gs.fine_drop_count(cfg.K, n, n0))
+            vals, rows = gs.fine_pack(dnet, blocks, cfg.My, cfg.Mx)
+            npad = -(-n // cfg.My) * cfg.My
+            dprev = be.bwd_data_blockrows(vals, rows, w_hh, rec, npad, plan.rec_scale)[:n]
+            fine_steps.append((t, n, vals, rows))
+            if plan.record_selections:
+                plan.selections[t] = blocks
+        if rec is None:
+            dh[:n] = dprev
+        else:
+            dh[:n] = 0
+            dh[:n, rec] = dprev
+
+    dx = dw_ih = dw_hh = db = dw_hr = None
+    if need[3]:
+        dw_ih = torch.zeros_like(w_ih)
+    if need[4]:
+        dw_hh = torch.zeros_like(w_hh)
+    if has_bias and (need[5] or need[6]):
+        db = x.new_zeros(C)
+    if need[0] and (fine or plan.in_idx is not None):
+        dx = x.new_zeros(T, B, I)  # written only at kept units / rows (else the GEMM fills it)
+
+    if not fine:
+        if need[0]:
+            vals = be.bwd_data(G, cols_all, w_ih, plan.in_idx, plan.in_scale, block=blk)
+            if plan.in_idx is None:
+                dx = vals
+            else:
+                dx.scatter_(2, plan.in_idx[:, None, :].expand(T, B, plan.in_idx.shape[1]), vals)
+        if dw_ih is not None:
+            be.wgrad(G, cols_all, x, plan.in_idx, dw_ih, plan.in_scale, block=blk)
+        if dw_hh is not None:
+            be.wgrad(G, cols_all, hprev_all, plan.rec_idx, dw_hh, plan.rec_scale, block=blk)
+        if db is not None:
+            if cols_all is None:
+                db = G.sum(dim=(0, 1))
+            else:
+                db.index_add_(0, cols_all.reshape(-1), G.sum(dim=1).reshape(-1))
+    else:
+        My = cfg.My
+        for t, n, vals, rows in fine_steps:
+            npad = -(-n // My) * My
+            in_t = None if plan.in_idx is None else plan.in_idx[t]
+            if need[0]:
+                d = be.bwd_data_blockrows(vals, rows, w_ih, in_t, npad, plan.in_scale)[:n]
+                if in_t is None:
+                    dx[t, :n] = d
+                else:
+                    dx[t, :n, in_t] = d
+            pad = npad - n
+            if dw_ih is not None:
+                xt = F.pad(x[t, :n], (0, 0, 0, pad))
+                be.wgrad_blockrows(vals, rows, xt, in_t, dw_ih, plan.in_scale)
+            if dw_hh is not None:
+                ht = F.pad(hprev_all[t, :n], (0, 0, 0, pad))
+                rec = None if plan.rec_idx is None else plan.rec_idx[t]
+                be.wgrad_blockrows(vals, rows, ht, rec, dw_hh, plan.rec_scale)
+            if db is not None:
+                db += vals.sum(dim=1).reshape(-1)
+
+    if w_hr is not None and need[7]:
+        Hp = w_hr.shape[0]
+        dw_hr = dr_all.reshape(T * B, Hp).t() @ m_all.reshape(T * B, H)
+    db_ih = db if (db is not None and need[5]) else None
+    db_hh = db.clone() if (db is not None and need[6]) else None
+    return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr
+
+
 class LSTMLayerFunction(torch.autograd.Function):
-    """One LSTM layer, one direction, a whole padded sequence ``x`` of shape (T, B, I)."""
+    """One LSTM layer, one direction, a whole padded sequence ``x`` of shape (T, B, I), on the
+    layer backend ``plan.backend`` (a GEMM backend is run as the per-step composition)."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, plan: LayerPlan):
-        be = plan.backend
-        T, B, _ = x.shape
-        H = w_ih.shape[0] // 4
-        Hout = w_hh.shape[1]
-        bs = plan.batch_sizes
-        pre_x = be.fwd_input(x, w_ih, plan.in_idx, plan.in_scale)
-        if b_ih is not None:
-            pre_x += b_ih + b_hh
-        h = h0.clone()
-        c = c0.clone()
-        gates = x.new_zeros(T, B, 4 * H)
-        c_all = x.new_zeros(T, B, H)
-        cprev_all = x.new_zeros(T, B, H)
-        hprev_all = x.new_zeros(T, B, Hout)
-        m_all = x.new_zeros(T, B, H) if w_hr is not None else None
-        y = x.new_zeros(T, B, Hout)
-        steps = range(T - 1, -1, -1) if plan.reverse else range(T)
-        for t in steps:
-            n = bs[t] if bs is not None else B
-            hp = h[:n]
-            hprev_all[t, :n] = hp
-            rec = None if plan.rec_idx is None else plan.rec_idx[t]
-            pre = pre_x[t, :n] + be.fwd_recurrent(hp, w_hh, rec, plan.rec_scale)
-            i, f, g, o = pre.chunk(4, dim=1)
-            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-            cp = c[:n]
-            cprev_all[t, :n] = cp
-            cn = f * cp + i * g
-            m = o * torch.tanh(cn)
-            if w_hr is not None:
-                m_all[t, :n] = m
-                hn = m @ w_hr.t()
-            else:
-                hn = m
-            gates[t, :n] = torch.cat([i, f, g, o], dim=1)
-            c_all[t, :n] = cn
-            c[:n] = cn
-            h[:n] = hn
-            y[t, :n] = hn
+        be = as_layer_backend(plan.backend)
+        y, h, c, saved, meta = be.forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, plan)
         ctx.plan = plan
-        ctx.has_bias = b_ih is not None
-        ctx.save_for_backward(x, w_ih, w_hh, w_hr, gates, c_all, cprev_all, hprev_all, m_all)
+        ctx.layer_backend = be
+        ctx.meta = meta
+        ctx.save_for_backward(*saved)
         return y, h, c
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dhn, dcn):
-        plan: LayerPlan = ctx.plan
-        be = plan.backend
-        x, w_ih, w_hh, w_hr, gates, c_all, cprev_all, hprev_all, m_all = ctx.saved_tensors
-        T, B, I = x.shape
-        H = w_ih.shape[0] // 4
-        C = 4 * H
-        bs = plan.batch_sizes
-        cfg = plan.gate_sparsity
-        fine = cfg is not None and cfg.mode == "fine"
-        colwise = cfg is not None and not fine
-        blk = cfg.P if (cfg is not None and cfg.mode == "coarse") else 1
-        n0 = bs[0] if bs is not None else B
-        if fine:
-            gs.check_fine_batch(cfg, n0)
-
-        dh = dhn.clone()
-        dc = dcn.clone()
-        kc = gs.kept_column_count(C, cfg) if colwise else C
-        G = None if fine else x.new_zeros(T, B, kc)
-        cols_all = x.new_zeros(T, kc, dtype=torch.long) if colwise else None
-        fine_steps: list = []  # (t, n, vals, rows) for fine mode
-        dr_all = x.new_zeros(T, B, w_hr.shape[0]) if w_hr is not None else None
-
-        steps = range(T) if plan.reverse else range(T - 1, -1, -1)
-        for t in steps:
-            n = bs[t] if bs is not None else B
-            dh_t = dh[:n] + dy[t, :n]
-            if w_hr is not None:
-                dr_all[t, :n] = dh_t
-                dm = dh_t @ w_hr
-            else:
-                dm = dh_t
-            i, f, g, o = gates[t, :n].chunk(4, dim=1)
-            tc = torch.tanh(c_all[t, :n])
-            dct = dc[:n] + dm * o * (1 - tc * tc)
-            dnet = torch.cat(
-                [
-                    dct * g * i * (1 - i),
-                    dct * cprev_all[t, :n] * f * (1 - f),
-                    dct * i * (1 - g * g),
-                    dm * tc * o * (1 - o),
-                ],
-                dim=1,
-            )
-            dc[:n] = dct * f
-            rec = None if plan.rec_idx is None else plan.rec_idx[t]
-            if cfg is None:
-                G[t, :n] = dnet
-                dprev = be.bwd_data(dnet, None, w_hh, rec, plan.rec_scale)
-            elif colwise:
-                cols = gs.kept_columns(dnet, cfg)
-                vals = dnet[:, cols]
-                G[t, :n] = vals
-                cols_all[t] = cols
-                dprev = be.bwd_data(vals, cols, w_hh, rec, plan.rec_scale, block=blk)
-                if plan.record_selections:
-                    plan.selections[t] = cols
-            else:
-                blocks = gs.fine_kept_blocks(dnet, cfg.My, cfg.Mx, gs.fine_drop_count(cfg.K, n, n0))
-                vals, rows = gs.fine_pack(dnet, blocks, cfg.My, cfg.Mx)
-                npad = -(-n // cfg.My) * cfg.My
-                dprev = be.bwd_data_blockrows(vals, rows, w_hh, rec, npad, plan.rec_scale)[:n]
-                fine_steps.append((t, n, vals, rows))
-                if plan.record_selections:
-                    plan.selections[t] = blocks
-            if rec is None:
-                dh[:n] = dprev
-            else:
-                dh[:n] = 0
-                dh[:n, rec] = dprev
-
-        need = ctx.needs_input_grad
-        dx = dw_ih = dw_hh = db = dw_hr = None
-        if need[3]:
-            dw_ih = torch.zeros_like(w_ih)
-        if need[4]:
-            dw_hh = torch.zeros_like(w_hh)
-        if ctx.has_bias and (need[5] or need[6]):
-            db = x.new_zeros(C)
-        if need[0] and (fine or plan.in_idx is not None):
-            dx = x.new_zeros(T, B, I)  # written only at kept units / rows (else the GEMM fills it)
-
-        if not fine:
-            if need[0]:
-                vals = be.bwd_data(G, cols_all, w_ih, plan.in_idx, plan.in_scale, block=blk)
-                if plan.in_idx is None:
-                    dx = vals
-                else:
-                    dx.scatter_(2, plan.in_idx[:, None, :].expand(T, B, plan.in_idx.shape[1]), vals)
-            if dw_ih is not None:
-                be.wgrad(G, cols_all, x, plan.in_idx, dw_ih, plan.in_scale, block=blk)
-            if dw_hh is not None:
-                be.wgrad(G, cols_all, hprev_all, plan.rec_idx, dw_hh, plan.rec_scale, block=blk)
-            if db is not None:
-                if cols_all is None:
-                    db = G.sum(dim=(0, 1))
-                else:
-                    db.index_add_(0, cols_all.reshape(-1), G.sum(dim=1).reshape(-1))
-        else:
-            My = cfg.My
-            for t, n, vals, rows in fine_steps:
-                npad = -(-n // My) * My
-                in_t = None if plan.in_idx is None else plan.in_idx[t]
-                if need[0]:
-                    d = be.bwd_data_blockrows(vals, rows, w_ih, in_t, npad, plan.in_scale)[:n]
-                    if in_t is None:
-                        dx[t, :n] = d
-                    else:
-                        dx[t, :n, in_t] = d
-                pad = npad - n
-                if dw_ih is not None:
-                    xt = F.pad(x[t, :n], (0, 0, 0, pad))
-                    be.wgrad_blockrows(vals, rows, xt, in_t, dw_ih, plan.in_scale)
-                if dw_hh is not None:
-                    ht = F.pad(hprev_all[t, :n], (0, 0, 0, pad))
-                    rec = None if plan.rec_idx is None else plan.rec_idx[t]
-                    be.wgrad_blockrows(vals, rows, ht, rec, dw_hh, plan.rec_scale)
-                if db is not None:
-                    db += vals.sum(dim=1).reshape(-1)
-
-        if w_hr is not None and need[7]:
-            Hp = w_hr.shape[0]
-            dw_hr = dr_all.reshape(T * B, Hp).t() @ m_all.reshape(T * B, H)
-        db_ih = db if (db is not None and need[5]) else None
-        db_hh = db.clone() if (db is not None and need[6]) else None
-        return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
+        grads = ctx.layer_backend.backward(
+            ctx.saved_tensors, ctx.meta, ctx.plan, dy, dhn, dcn, ctx.needs_input_grad
+        )
+        return (*grads, None)
 
 
 # --------------------------------------------------------------------------------------
@@ -281,11 +300,15 @@ def _pad_packed(data: Tensor, batch_sizes: list[int]) -> tuple[Tensor, Tensor]:
     return out, active
 
 
-def _backend_for(mod, x: Tensor):
-    """The kernel backend for this call; warns once per module when a CUDA tensor runs on
-    the reference kernels (gathers + cuBLAS: slower than cuDNN's dense LSTM)."""
-    backend = select_backend(x.device, x.dtype)
+def _layer_backend_for(mod, x: Tensor, **problem):
+    """The layer backend for one layer/direction call (first applicable rule, see
+    :mod:`rnn_sparsify.kernels.layer`). Records ``mod.last_backend`` (name) and
+    ``mod.last_backend_reasons`` (every rule's verdict); warns once per module when a CUDA
+    tensor runs on the reference kernels (gathers + cuBLAS: slower than cuDNN's dense LSTM)."""
+    prob = LayerProblem(device=x.device, dtype=x.dtype, **problem)
+    backend, verdicts = select_layer_backend(prob)
     mod.last_backend = backend.name
+    mod.last_backend_reasons = verdicts
     if x.is_cuda and backend.name == "reference" and not getattr(mod, "_warned_reference", False):
         mod._warned_reference = True
         warnings.warn(
@@ -293,7 +316,7 @@ def _backend_for(mod, x: Tensor):
             "training path runs on the PyTorch reference kernels, which are slower than cuDNN's "
             "dense LSTM. Build a kernel bundle with `rnn-sparsify compile` (docs/codegen.md).",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return backend
 
@@ -348,7 +371,6 @@ def sparse_lstm_forward(mod, input, hx=None):
         if is_packed:
             h0, c0 = mod.permute_hidden((h0, c0), sorted_indices)
 
-    backend = _backend_for(mod, x)
     sd = mod.structured_dropout
     gate_cfg = mod.active_gate_sparsity
     record = getattr(mod, "record_plans", False)
@@ -366,6 +388,20 @@ def sparse_lstm_forward(mod, input, hx=None):
             rec_idx, rec_scale = None, 1.0
             if sd is not None and sd.p_recurrent > 0:
                 rec_idx, rec_scale = draw_kept_units(T, Hout, sd.p_recurrent, x.device)
+            backend = _layer_backend_for(
+                mod,
+                layer_input,
+                input_size=layer_input.shape[-1],
+                hidden_size=mod.hidden_size,
+                proj_size=mod.proj_size,
+                batch=B,
+                seq_len=T,
+                packed=batch_sizes is not None,
+                reverse=d == 1,
+                in_keep=None if in_idx is None else in_idx.shape[1],
+                rec_keep=None if rec_idx is None else rec_idx.shape[1],
+                gate_mode=None if gate_cfg is None else gate_cfg.mode,
+            )
             plan = LayerPlan(
                 in_idx=in_idx,
                 in_scale=in_scale,
@@ -416,19 +452,30 @@ def sparse_lstm_cell_forward(mod, input: Tensor, hx=None):
         c0 = x.new_zeros(x.shape[0], mod.hidden_size)
     else:
         h0, c0 = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if unbatched else hx
-    backend = _backend_for(mod, x)
     sd = mod.structured_dropout
     in_idx, in_scale, rec_idx, rec_scale = None, 1.0, None, 1.0
     if sd is not None and sd.p_input > 0:
         in_idx, in_scale = draw_kept_units(1, mod.input_size, sd.p_input, x.device)
     if sd is not None and sd.p_recurrent > 0:
         rec_idx, rec_scale = draw_kept_units(1, mod.hidden_size, sd.p_recurrent, x.device)
+    gate_cfg = mod.active_gate_sparsity
+    backend = _layer_backend_for(
+        mod,
+        x,
+        input_size=mod.input_size,
+        hidden_size=mod.hidden_size,
+        batch=x.shape[0],
+        seq_len=1,
+        in_keep=None if in_idx is None else in_idx.shape[1],
+        rec_keep=None if rec_idx is None else rec_idx.shape[1],
+        gate_mode=None if gate_cfg is None else gate_cfg.mode,
+    )
     plan = LayerPlan(
         in_idx=in_idx,
         in_scale=in_scale,
         rec_idx=rec_idx,
         rec_scale=rec_scale,
-        gate_sparsity=mod.active_gate_sparsity,
+        gate_sparsity=gate_cfg,
         backend=backend,
         record_selections=getattr(mod, "record_plans", False),
     )
