@@ -67,3 +67,13 @@ def select_backend(device: torch.device, dtype: torch.dtype):
         if backend is not None:
             return backend
     return REFERENCE
+
+
+def _register_default_layer_rules() -> None:
+    from .cpu_backend import cpu_rule
+    from .layer import register_layer_rule
+
+    register_layer_rule("tvm_cpu", cpu_rule, first=False)
+
+
+_register_default_layer_rules()

@@ -1,0 +1,303 @@
+"""The fast CPU layer backend: TVM-generated kernels that own the time loop.
+
+One layer/direction call runs ``pack -> in_proj -> fwd_loop`` forward and ``bwd_loop ->
+wgrad (W_ih) -> wgrad (W_hh) -> dx`` backward (kernels in :mod:`rnn_sparsify.codegen.cpu_lstm`,
+loaded by :mod:`.cpu_runtime`), no Python per time step. With gate-gradient sparsity the
+backward runs ``bwd_elem``, the selection (the rules of :mod:`rnn_sparsify.gate_selection`,
+on the step's gate gradient) and ``bwd_dh`` per step; the dropped entries are zeroed, so every
+later GEMM computes exactly the sparse math (zeros contribute nothing).
+
+The module keeps ``nn.LSTM``'s parameters; the kernels' layout (``W^T`` with gate columns
+interleaved by 16-unit blocks and a zero dummy row) is built from them at each forward that
+sees new weight values (about 1-3 ms per matrix), and gradients are converted back. Nothing
+of the layout is visible outside this file.
+
+Applies to: CPU, float32, no projection, padded (not packed) batches; anything else falls to
+the next rule (see :func:`cpu_rule`). ``RNN_SPARSIFY_CPU_KERNELS=0`` switches it off.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import gate_selection as gs
+from .layer import LayerBackend, LayerProblem
+
+U = 16
+_COLS: dict[int, Tensor] = {}
+
+
+def gate_cols(H: int) -> Tensor:
+    """``cols[g*H + j]`` = column of gate ``g`` of unit ``j`` in the interleaved layout."""
+    c = _COLS.get(H)
+    if c is None:
+        j = torch.arange(H)
+        c = torch.cat([(j // U) * 4 * U + g * U + j % U for g in range(4)])
+        _COLS[H] = c
+    return c
+
+
+def to_wt(w: Tensor, n: int, Hp: int) -> Tensor:
+    """``nn.LSTM`` weight (4H, n) -> ``W^T`` (n + 1, 4*Hp) interleaved, zero padding + dummy row."""
+    H = w.shape[0] // 4
+    out = w.new_zeros(n + 1, 4 * Hp)
+    out[:n].index_copy_(1, gate_cols(H), w.detach().t())
+    return out
+
+
+def from_wt(wt: Tensor, n: int, H: int) -> Tensor:
+    """Inverse of :func:`to_wt` for a gradient: (n + 1, 4*Hp) -> (4H, n)."""
+    return wt[:n].index_select(1, gate_cols(H)).t().contiguous()
+
+
+def _kept_padded(idx: Optional[Tensor], T: int, n: int, K: int) -> Tensor:
+    """(T, K) int32 kept units padded with the dummy index ``n`` (all units if ``idx`` is None)."""
+    out = torch.full((T, K), n, dtype=torch.int32)
+    if idx is None:
+        out[:, :n] = torch.arange(n, dtype=torch.int32)
+    else:
+        out[:, : idx.shape[1]] = idx.to(torch.int32)
+    return out
+
+
+class _WeightCache:
+    """Re-pack a weight only when its values changed (version counter + storage)."""
+
+    def __init__(self):
+        self._d: dict[int, tuple] = {}
+
+    def get(self, w: Tensor, n: int, Hp: int) -> Tensor:
+        key = id(w)
+        ver = (w._version, w.data_ptr(), tuple(w.shape))
+        hit = self._d.get(key)
+        if hit is not None and hit[0] == ver:
+            return hit[1]
+        wt = to_wt(w, n, Hp)
+        if len(self._d) > 64:
+            self._d.clear()
+        self._d[key] = (ver, wt)
+        return wt
+
+
+class TvmCpuLayerBackend(LayerBackend):
+    """Generated CPU kernels for one layer/direction (see the module docstring)."""
+
+    name = "tvm_cpu"
+
+    def __init__(self, isa: str):
+        self.isa = isa
+        self._weights = _WeightCache()
+
+    # -- helpers ---------------------------------------------------------------------
+    def spec_for(self, input_size: int, hidden_size: int, batch: int, k_in: int, k_rec: int):
+        from ..codegen.cpu_lstm import CpuLayerSpec, pad_batch, pad_kept
+
+        _, Bp = pad_batch(batch, self.isa)
+        return CpuLayerSpec(
+            input_size=input_size,
+            hidden_size=hidden_size,
+            batch=Bp,
+            k_in=pad_kept(k_in, self.isa),
+            k_rec=pad_kept(k_rec, self.isa),
+            isa=self.isa,
+            mcpu="",
+        )
+
+    @staticmethod
+    def _threads():
+        from .cpu_runtime import set_num_threads
+
+        set_num_threads(torch.get_num_threads())
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, plan):
+        from .cpu_runtime import load_layer
+
+        T, B, I = x.shape
+        H = w_hh.shape[1]
+        k_in = I if plan.in_idx is None else plan.in_idx.shape[1]
+        k_rec = H if plan.rec_idx is None else plan.rec_idx.shape[1]
+        spec = self.spec_for(I, H, B, k_in, k_rec)
+        lib = load_layer(spec)
+        self._threads()
+        Bp, Hp, G = spec.batch, spec.Hp, spec.G
+        RT = min(spec.tiles.RT, Bp)
+        rev = plan.reverse
+        in_idx = plan.in_idx.flip(0) if (rev and plan.in_idx is not None) else plan.in_idx
+        rec_idx = plan.rec_idx.flip(0) if (rev and plan.rec_idx is not None) else plan.rec_idx
+        idx_in = _kept_padded(in_idx, T, I, spec.k_in)
+        idx_rec = _kept_padded(rec_idx, T, H, spec.k_rec)
+        a_in, a_rec = float(plan.in_scale), float(plan.rec_scale)
+
+        xs = x.detach().flip(0) if rev else x.detach()
+        if Bp != B or not xs.is_contiguous():
+            X = x.new_zeros(T, Bp, I)
+            X[:, :B] = xs
+        else:
+            X = xs
+        WiT = self._weights.get(w_ih, I, Hp)
+        WhT = self._weights.get(w_hh, H, Hp)
+        bias = x.new_zeros(G)
+        if b_ih is not None:
+            bias[gate_cols(H)] = (b_ih + b_hh).detach()
+
+        Pk = x.new_empty(T, Bp // RT, spec.k_in, RT)
+        lib["pack_in"](X, idx_in, a_in, Pk)
+        Gt = x.new_empty(T, Bp, G)
+        lib["in_proj"](Pk, idx_in, WiT, bias, Gt)
+        Hs = x.new_zeros(T + 1, Bp, Hp)
+        Cs = x.new_zeros(T + 1, Bp, Hp)
+        Hs[0, :B, :H] = h0.detach()
+        Cs[0, :B, :H] = c0.detach()
+        inv = torch.full((T, Hp), -1, dtype=torch.int32)
+        real = idx_rec < H
+        tt = torch.arange(T)[:, None].expand_as(idx_rec)
+        pos = torch.arange(spec.k_rec, dtype=torch.int32)[None, :].expand_as(idx_rec)
+        inv[tt[real], idx_rec[real].long()] = pos[real]
+        Ak = x.new_zeros(T, Bp // RT, spec.k_rec, RT)
+        # step 0's packed recurrent input a * h0[:, J_0] (later steps: packed by fwd_loop)
+        j0 = idx_rec[0].long()
+        h0k = torch.cat([Hs[0, :, :H], Hs.new_zeros(Bp, 1)], dim=1).index_select(1, j0) * a_rec
+        Ak[0] = h0k.reshape(Bp // RT, RT, spec.k_rec).transpose(1, 2)
+        lib["fwd_loop"](Gt, idx_rec, inv, WhT, a_rec, Hs, Cs, Ak)
+
+        y = Hs[1:, :B, :H]
+        y = y.flip(0).contiguous() if rev else y.contiguous()
+        h_T = Hs[T, :B, :H].clone()
+        c_T = Cs[T, :B, :H].clone()
+        saved = (Gt, Hs, Cs, Pk, Ak, WiT, WhT, idx_in, idx_rec)
+        meta = {"spec": spec, "lib": lib, "B": B, "a_in": a_in, "a_rec": a_rec,
+                "has_bias": b_ih is not None, "T": T}
+        return y, h_T, c_T, saved, meta
+
+    # -- backward ----------------------------------------------------------------------
+    def backward(self, saved, meta, plan, dy, dhn, dcn, need):
+        Gt, Hs, Cs, Pk, Ak, WiT, WhT, idx_in, idx_rec = saved
+        spec, lib, B, T = meta["spec"], meta["lib"], meta["B"], meta["T"]
+        self._threads()
+        I, H = spec.input_size, spec.hidden_size
+        Bp, Hp, G = spec.batch, spec.Hp, spec.G
+        rev = plan.reverse
+        dY = Gt.new_zeros(T, Bp, Hp)
+        dY[:, :B, :H] = dy.flip(0) if rev else dy
+        DH = Gt.new_zeros(Bp, Hp)
+        DC = Gt.new_zeros(Bp, Hp)
+        DH[:B, :H] = dhn
+        DC[:B, :H] = dcn
+        dNet = Gt.new_empty(T, Bp, G)
+        cfg = plan.gate_sparsity
+        a_in, a_rec = meta["a_in"], meta["a_rec"]
+        if cfg is None:
+            lib["bwd_loop"](dY, Gt, Cs, idx_rec, WhT, a_rec, 0, T, DH, DC, dNet)
+        else:
+            if cfg.mode == "fine":
+                gs.check_fine_batch(cfg, B)
+            cols = gate_cols(H)
+            for t in range(T - 1, -1, -1):
+                lib["bwd_elem"](dY, Gt, Cs, idx_rec, WhT, a_rec, t, t + 1, DH, DC, dNet)
+                self._select(dNet[t], B, H, cols, cfg, plan, T - 1 - t if rev else t)
+                lib["bwd_dh"](dY, Gt, Cs, idx_rec, WhT, a_rec, t, t + 1, DH, DC, dNet)
+
+        dx = dw_ih = dw_hh = db_ih = db_hh = None
+        if need[0]:
+            dX = Gt.new_empty(T, Bp, I)
+            lib["dx"](dNet, idx_in, WiT, a_in, dX)
+            dx = dX[:, :B]
+            dx = dx.flip(0).contiguous() if rev else dx.contiguous()
+        if need[3]:
+            dWiT = Gt.new_empty(I + 1, G)
+            lib["wgrad_in"](Pk, idx_in, dNet, dWiT)
+            dw_ih = from_wt(dWiT, I, H)
+        if need[4]:
+            dWhT = Gt.new_empty(H + 1, G)
+            lib["wgrad_rec"](Ak, idx_rec, dNet, dWhT)
+            dw_hh = from_wt(dWhT, H, H)
+        if meta["has_bias"] and (need[5] or need[6]):
+            db = dNet[:, :B].sum(dim=(0, 1)).index_select(0, gate_cols(H))
+            db_ih = db if need[5] else None
+            db_hh = db.clone() if need[6] else None
+        dh0 = DH[:B, :H].clone() if need[1] else None
+        dc0 = DC[:B, :H].clone() if need[2] else None
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None
+
+    @staticmethod
+    def _select(dnet_t: Tensor, B: int, H: int, cols: Tensor, cfg, plan, t_actual: int) -> None:
+        """Zero what gate-gradient sparsity drops from one step's ``dNet`` (interleaved)."""
+        d = dnet_t[:B].index_select(1, cols)  # (B, 4H) in PyTorch gate order
+        keep = torch.zeros(dnet_t.shape[1], dtype=torch.bool)
+        if cfg.mode == "fine":
+            blocks = gs.fine_kept_blocks(d, cfg.My, cfg.Mx, gs.fine_drop_count(cfg.K, B, B))
+            S = d.shape[1] // cfg.Mx
+            nb = -(-B // cfg.My)
+            kb = torch.zeros(S, nb, dtype=torch.bool)
+            kb.scatter_(1, blocks, True)
+            m = kb.t().repeat_interleave(cfg.My, 0)[:B].repeat_interleave(cfg.Mx, 1)  # (B, 4H)
+            mask = torch.zeros(B, dnet_t.shape[1], dtype=dnet_t.dtype)
+            mask[:, cols] = m.to(dnet_t.dtype)
+            dnet_t[:B].mul_(mask)
+            sel = blocks
+        else:
+            sel = gs.kept_columns(d, cfg)
+            keep[cols[sel]] = True
+            dnet_t.masked_fill_(~keep, 0.0)
+        if plan.record_selections:
+            plan.selections[t_actual] = sel
+
+
+# --------------------------------------------------------------------------------------
+# the rule
+
+_BACKENDS: dict[str, TvmCpuLayerBackend] = {}
+_FAILED: dict[tuple, str] = {}
+_WARNED: set = set()
+
+
+def cpu_rule(problem: LayerProblem):
+    """The TVM CPU backend, or why not (see the module docstring)."""
+    if os.environ.get("RNN_SPARSIFY_CPU_KERNELS", "1") == "0":
+        return "switched off by RNN_SPARSIFY_CPU_KERNELS=0"
+    if problem.device_type != "cpu":
+        return f"{problem.device_type} tensors (CPU kernels)"
+    if problem.dtype != torch.float32:
+        return f"dtype {problem.dtype} (the CPU kernels are float32)"
+    if problem.proj_size:
+        return "proj_size > 0 (no projection kernels)"
+    if problem.packed:
+        return "PackedSequence input (per-step batch sizes; no kernels for them)"
+    from .cpu_runtime import KernelUnavailable, host_isa
+
+    isa = host_isa()
+    be = _BACKENDS.get(isa)
+    if be is None:
+        be = _BACKENDS[isa] = TvmCpuLayerBackend(isa)
+    spec = be.spec_for(
+        problem.input_size,
+        problem.hidden_size,
+        problem.batch,
+        problem.in_keep or problem.input_size,
+        problem.rec_keep or problem.hidden_size,
+    )
+    key = (spec,)
+    if key in _FAILED:
+        return _FAILED[key]
+    try:
+        from .cpu_runtime import load_layer
+
+        load_layer(spec)
+    except (KernelUnavailable, OSError, ImportError) as e:
+        reason = f"CPU kernels unavailable: {e}"
+        _FAILED[key] = reason
+        if reason not in _WARNED:
+            _WARNED.add(reason)
+            warnings.warn(
+                f"rnn_sparsify: {reason}; the sparse LSTM runs on the PyTorch reference "
+                "kernels (slower)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return reason
+    return be
