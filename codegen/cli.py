@@ -59,7 +59,10 @@ def build_from_model(target: str, batch: int, seq_len: int, archs, out, *, dtype
         raise NoLSTMError(str(e)) from e
     if not plan.lstms:
         why = "; ".join(f"{e.name}: {e.reason}" for e in plan.entries)
-        raise NothingToBuildError(f"nothing to build: no LSTM of {target} needs a sparse kernel ({why})")
+        err = NothingToBuildError(f"nothing to build: no LSTM of {target} needs a sparse kernel ({why})")
+        if plan.sparsified_from_flags:
+            err.hint = "each LSTM above is skipped or has no sparse GEMM; `rnn-sparsify inspect` shows why in detail"
+        raise err
     return plan, compile_lstms(plan.lstms, archs, out, **kw)
 
 

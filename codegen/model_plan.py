@@ -118,6 +118,7 @@ def plan_model(model, batch: int, seq_len: int, dtype: Optional[str] = None, *, 
                                      m.structured_dropout, m.gate_sparsity)
             _add(plan, name, "SparseLSTMCell", spec, why, per_step=True)
         elif isinstance(m, SparseCellRegion):
+            name = display_fqn(fqn.rpartition(".")[0])  # the user's module that holds the cell
             if m.canonical is None:
                 plan.entries.append(PlanEntry(name, "hand-written cell", False,
                                               "normalisation inside the cell: it runs its own graph, no GEMM kernels"))

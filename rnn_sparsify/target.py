@@ -239,8 +239,14 @@ def _load_saved(path: str) -> LoadedModel:
 
     if not os.path.isfile(path):
         raise ModelSpecError(f"no such file: {path} (looked in {os.getcwd()})")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the pickled classes' modules, as `python -m` finds them
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise FactoryError(f"torch.load({path!r}): the model's classes are pickled by module name and module "
+                           f"{e.name!r} is not importable from {os.getcwd()}; run from the folder that holds it "
+                           "or add that folder to PYTHONPATH") from e
     except Exception as e:
         raise FactoryError(f"torch.load({path!r}) raised {type(e).__name__}: {e}") from e
     if not isinstance(obj, nn.Module):
