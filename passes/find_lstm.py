@@ -123,6 +123,9 @@ def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
             sites.append(LSTMSite(
                 fqn, "hand-written cell (candidate)", {}, f"in the traced graph of {display_fqn(gfqn)}",
                 module=model.get_submodule(fqn), graph_fqn=gfqn, node=r.anchor,
-                refusal=f"cell-shaped subgraph not matched: {r.reason}",
+                refusal=(f"LSTM-like cell{' at ' + r.location if r.location else ''} not rewritten: {r.reason}. "
+                         "Done instead: it runs as written (dense, no structured dropout or gate sparsity). What you "
+                         "can do: write it as the standard cell (4 gate slices, sigmoid i/f/o, tanh g, c' = f*c + i*g, "
+                         "h' = o*tanh(c'); see docs/passes.md) or use nn.LSTMCell"),
             ))
     return sites

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from .trace import node_location
+
 __all__ = ["DropoutFeed", "DropoutRefusal", "find_dropout_feeds", "fuse_dropout"]
 
 _FN_DROPOUT = (F.dropout, torch.dropout)
@@ -45,7 +47,7 @@ class DropoutFeed:
     source: str  # e.g. "nn.Dropout 'drop'" or "F.dropout"
 
     def to_dict(self) -> dict:
-        return {"node": self.dropout.name, "source": self.source, "p": self.p}
+        return {"node": self.dropout.name, "source": self.source, "p": self.p, "location": node_location(self.dropout)}
 
 
 @dataclass
@@ -53,9 +55,10 @@ class DropoutRefusal:
     dropout: str
     target: str
     reason: str
+    location: str = ""  # file.py:line of the dropout in the user's code
 
     def to_dict(self) -> dict:
-        return {"node": self.dropout, "target": self.target, "reason": self.reason}
+        return {"node": self.dropout, "target": self.target, "reason": self.reason, "location": self.location}
 
 
 def _dropout_info(gm: fx.GraphModule, node: fx.Node) -> Union[None, str, tuple[float, bool, str]]:
@@ -116,6 +119,9 @@ def find_dropout_feeds(
                 refused.append(DropoutRefusal(arg.name, node.name, "in-place dropout whose input has other users"))
                 continue
             feeds.append(DropoutFeed(arg, node, p, source))
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for r in refused:
+        r.location = node_location(by_name[r.dropout]) if r.dropout in by_name else ""
     return feeds, refused
 
 

@@ -277,7 +277,8 @@ class SparsifyReport:
             lines.extend(format_weight_sparsity_stats(e.weight_sparsity, display_fqn(e.fqn)) for e in ws)
         for dd in self.dropouts:
             if not dd.get("fused"):
-                lines.append(f"dropout {dd['node']} not fused into {dd['target']}: {dd['reason']}")
+                at = f" ({dd['location']})" if dd.get("location") else ""
+                lines.append(f"dropout {dd['node']}{at} not fused into {dd['target']}: {dd['reason']}")
         f = self.flops(batch_size, seq_len) if batch_size and seq_len else (
             self.flops() if any(e.observed for e in self.lstms) else None)
         if f and f["per_lstm"]:
