@@ -252,7 +252,16 @@ def _check_mode_independent(module: nn.Module, gm: fx.GraphModule, leaves: froze
         module.train(was)
     dynamic_dropout_flags(other)
     if other.code != gm.code:
-        return False, "forward branches on self.training (train and eval graphs differ)"
+        where = ""
+        for a, b in zip(list(gm.graph.nodes) + [None], list(other.graph.nodes) + [None]):
+            if a is None or b is None or (a.op, a.target) != (b.op, b.target):
+                loc = node_location(a) if a is not None else (node_location(b) if b is not None else "")
+                where = f" (first difference at {loc})" if loc else ""
+                break
+        return False, (f"forward of {type(module).__name__} branches on self.training (train and eval graphs "
+                       f"differ{where}), so rewriting it could change one of the two modes. What you can do: pass "
+                       "the mode as data, e.g. F.dropout(x, p, self.training) or nn.Dropout, instead of "
+                       "`if self.training:`")
     return True, ""
 
 
