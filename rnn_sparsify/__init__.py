@@ -40,7 +40,12 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
+        module = importlib.import_module(_LAZY[name])
+        # bind every lazy name of that module: importing rnn_sparsify.sparsify has just set the
+        # package attribute `sparsify` to the submodule, which must not shadow the function
+        # (`from rnn_sparsify import inspect_model, sparsify`)
+        for other, where in _LAZY.items():
+            if where == _LAZY[name]:
+                globals()[other] = getattr(module, other)
+        return globals()[name]
     raise AttributeError(f"module 'rnn_sparsify' has no attribute {name!r}")
