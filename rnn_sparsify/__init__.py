@@ -10,12 +10,15 @@ import importlib
 from .config import GateGradientSparsity, StructuredDropout, config_from_dict
 from .modules import SparseLSTM, SparseLSTMCell
 
+# Bound eagerly (cheap: torch and the configs only; the passes load inside the calls): the
+# submodule ``rnn_sparsify.sparsify`` shares its name with the function, and once any code has
+# imported the submodule, a lazy binding would hand users the module instead of the function.
+from .sparsify import SparsifyReport, get_report, inspect_model, sparsify
+
 __version__ = "0.1.0"
 
 # name -> submodule that defines it (imported on first attribute access)
 _LAZY = {
-    "sparsify": "rnn_sparsify.sparsify",
-    "SparsifyReport": "rnn_sparsify.sparsify",
     "WeightSparsity": "rnn_sparsify.weight_sparsity",
     "GradualPruningScheduler": "rnn_sparsify.weight_sparsity",
     "DSTScheduler": "rnn_sparsify.weight_sparsity",
@@ -24,8 +27,6 @@ _LAZY = {
     "detach_weight_sparsity": "rnn_sparsify.weight_sparsity",
     "weight_sparsity_stats": "rnn_sparsify.weight_sparsity",
     "strip_weight_masks": "rnn_sparsify.weight_sparsity",
-    "inspect_model": "rnn_sparsify.sparsify",
-    "get_report": "rnn_sparsify.sparsify",
 }
 
 __all__ = [
@@ -34,18 +35,17 @@ __all__ = [
     "SparseLSTM",
     "SparseLSTMCell",
     "config_from_dict",
+    "sparsify",
+    "inspect_model",
+    "get_report",
+    "SparsifyReport",
     *_LAZY,
 ]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        # bind every lazy name of that module: importing rnn_sparsify.sparsify has just set the
-        # package attribute `sparsify` to the submodule, which must not shadow the function
-        # (`from rnn_sparsify import inspect_model, sparsify`)
-        for other, where in _LAZY.items():
-            if where == _LAZY[name]:
-                globals()[other] = getattr(module, other)
-        return globals()[name]
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'rnn_sparsify' has no attribute {name!r}")

@@ -4,7 +4,7 @@ Commands: ``inspect`` (what sparsify would do, changes nothing), ``compile`` (bu
 kernels a model or an LSTM spec needs), ``bench`` (time a bundle on a GPU), ``env`` (what this
 installation can do). Every command names a model the same way (:func:`rnn_sparsify.target.load_model`):
 ``path/to/file.py:factory``, ``package.module:factory`` or a ``torch.save``'d ``model.pt``.
-Python equivalents: :func:`load_model`, :func:`rnn_sparsify.sparsify.inspect_model`,
+Python equivalents: :func:`load_model`, :func:`rnn_sparsify.inspect_model`,
 :meth:`SparsifyReport.table`/``to_dict``, :func:`rnn_sparsify.passes.dot.to_dot`,
 :func:`rnn_sparsify.codegen.model_plan.plan_model`, :func:`env_report`.
 
@@ -308,7 +308,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:  # --help (0) or a bad option (2, one line already printed)
         return int(e.code or 0)
     if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
+        print("rnn-sparsify: error: give a command: inspect, env, compile or bench (see rnn-sparsify --help)",
+              file=sys.stderr)
         return 2
     if args.check is not None:
         try:
