@@ -15,7 +15,7 @@ import sys
 
 from rnn_sparsify.target import (
     GATE_HELP, EnvironmentMissing, NoLSTMError, NothingToBuildError, arch, gate_spec, load_model,
-    model_target, positive_int, probability,
+    model_target, output_problem, positive_int, probability,
 )
 
 from .errors import CodegenError
@@ -181,7 +181,7 @@ def register(subparsers, parents=()) -> None:
     b.add_argument("--seq-len", type=positive_int, default=35)
     b.add_argument("--reps", type=positive_int, default=50)
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    b.set_defaults(func=cmd_bench, check=None)
+    b.set_defaults(func=cmd_bench, check=_check_bench, subparser=b)
 
 
 def _check_compile(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -191,6 +191,17 @@ def _check_compile(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.model and (args.hidden_size is not None or args.num_layers != 1 or args.bidirectional):
         parser.error("--hidden-size/--num-layers/--bidirectional describe an LSTM spec; with --model the sizes "
                      "come from the model")
+    why = output_problem(args.out, folder=True)
+    if why:
+        parser.error(f"argument -o/--out: {why}")
+
+
+def _check_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    why = output_problem(args.out, folder=False)
+    if why:
+        parser.error(f"argument --out: {why}")
+    if args.model and args.config:
+        parser.error("--model and --config both choose the configurations; give one")
 
 
 def run_command(args: argparse.Namespace) -> int:

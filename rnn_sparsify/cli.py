@@ -25,7 +25,8 @@ from typing import Any, Optional, Sequence
 
 from .target import (
     EXIT_CODES, REPORT_HINT, CLIError, ConfigArgError, EnvironmentMissing, ExampleInputsError, FactoryError,
-    ModelSpecError, NoLSTMError, NothingToBuildError, config_json, load_model, model_target, positive_int,
+    ModelSpecError, OutputError, NoLSTMError, NothingToBuildError, config_json, load_model, model_target, output_problem,
+    positive_int,
 )
 
 __all__ = ["main", "load_factory", "load_model", "CLIError", "ModelSpecError", "FactoryError", "ExampleInputsError",
@@ -74,10 +75,12 @@ def _write(path: Optional[str], text: str) -> None:
     if not path:
         sys.stdout.write(text)
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise OutputError(f"cannot write -o {path}: {e.strerror or e}") from e
     print(f"wrote {path}")
 
 
@@ -289,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("model", nargs="?", type=model_target, help="optional model target (as for inspect)")
     e.add_argument("-o", "--output", help="write to this file instead of stdout (folders are created)")
-    e.set_defaults(func=_cmd_env, check=None)
+    e.set_defaults(func=_cmd_env, check=_check_output, subparser=e)
     from rnn_sparsify.codegen import cli as codegen_cli  # compile / bench (cheap: no TVM import)
 
     codegen_cli.register(sub, parents=[common])
@@ -299,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_inspect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if (args.batch_size is None) != (args.seq_len is None):
         parser.error("--batch-size and --seq-len go together")
+    _check_output(parser, args)
+
+
+def _check_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    why = output_problem(args.output, folder=False) if args.output else None
+    if why:
+        parser.error(f"argument -o/--output: {why}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 __all__ = [
-    "EXIT_CODES", "CLIError", "ConfigArgError", "ModelSpecError", "FactoryError", "NoLSTMError",
+    "EXIT_CODES", "CLIError", "ConfigArgError", "OutputError", "ModelSpecError", "FactoryError", "NoLSTMError",
     "ExampleInputsError", "NothingToBuildError", "EnvironmentMissing", "LoadedModel", "load_model",
-    "probability", "positive_int", "arch", "gate_spec", "config_json", "model_target",
+    "probability", "positive_int", "arch", "gate_spec", "config_json", "model_target", "output_problem",
 ]
 
 #: exit code -> meaning (the README's table is checked against this by a test)
@@ -58,6 +58,12 @@ class CLIError(Exception):
 class ConfigArgError(CLIError, ValueError):
     exit_code = 2
     hint = "configs: --config '{\"kind\": \"structured_dropout\", \"p_input\": 0.25}'"
+
+
+class OutputError(CLIError, OSError):
+    """``-o``/``--out`` cannot be written (exit 2, like any bad option value)."""
+
+    exit_code = 2
 
 
 class ModelSpecError(CLIError, LookupError):
@@ -186,6 +192,23 @@ def model_target(text: str) -> str:
             f"{text!r} does not name a factory; allowed: path/to/file.py:factory, package.module:factory "
             "or a torch.save'd model file (.pt/.pth)")
     return text
+
+
+def output_problem(path: str, *, folder: bool) -> Optional[str]:
+    """Why ``path`` cannot be written as an output file (``folder=False``) or bundle folder
+    (missing parent folders are fine: they are created); None if it can."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} exists and is not a folder"
+    if not folder and os.path.isdir(path):
+        return f"{path} is a folder; give a file name"
+    parent = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, so {path} cannot be created"
+    if not os.access(parent, os.W_OK):
+        return f"no permission to write in {parent}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------

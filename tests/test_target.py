@@ -101,3 +101,20 @@ def test_gate_and_config_specs():
     for bad in ("{bad", "[1]", '{"kind": "structured_dropout", "p_input": 1.5}', '{"kind": "nope"}'):
         with pytest.raises(argparse.ArgumentTypeError):
             config_json(bad)
+
+
+def test_output_problems_are_found_before_any_work(tmp_path, capsys):
+    from rnn_sparsify.cli import main
+    from rnn_sparsify.target import output_problem
+
+    (tmp_path / "file").write_text("")
+    assert output_problem(str(tmp_path / "new" / "dir" / "r.json"), folder=False) is None  # created later
+    assert "is a folder" in output_problem(str(tmp_path), folder=False)
+    assert "is a file" in output_problem(str(tmp_path / "file" / "r.json"), folder=False)
+    assert "not a folder" in output_problem(str(tmp_path / "file"), folder=True)
+    # the model target does not exist either: the option is reported first (nothing loaded)
+    assert main(["inspect", "missing.py:make", "-o", str(tmp_path)]) == 2
+    assert "-o/--output" in capsys.readouterr().err
+    assert main(["compile", "-o", str(tmp_path / "file"), "--model", "missing.py:make", "--arch", "sm_90",
+                 "--batch", "2", "--seq-len", "3"]) == 2
+    assert "-o/--out" in capsys.readouterr().err
