@@ -44,7 +44,7 @@ def build_from_model(target: str, batch: int, seq_len: int, archs, out, *, dtype
     """``compile --model``: load the model, plan its kernels, build them. Returns ``(plan, manifest)``.
 
     Raises ``NoLSTMError`` (nothing LSTM-like) and ``NothingToBuildError`` (no LSTM needs a
-    sparse kernel) with the plan's table in the message.
+    sparse kernel, each LSTM's reason in the message).
     """
     from rnn_sparsify.sparsify import NoLSTMFoundError
 
