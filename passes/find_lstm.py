@@ -23,7 +23,7 @@ from rnn_sparsify.modules import SparseMixin
 
 from .match_cell import CellMatch, match_lstm_cells
 from .rewrite import base_forward_problem
-from .trace import TraceResult, is_lstm_like, is_scripted
+from .trace import TraceResult, is_lstm_like, is_scripted, node_location
 
 __all__ = ["LSTMSite", "find_lstms", "module_shapes", "display_fqn"]
 
@@ -59,7 +59,11 @@ def module_shapes(m: nn.Module) -> dict:
 def _location(tr: TraceResult, fqn: str) -> str:
     g = tr.graph_of(fqn)
     if g is not None:
-        return f"called from the traced graph of {display_fqn(g.fqn)}"
+        rel = fqn[len(g.fqn) + 1:] if g.fqn else fqn
+        lines = sorted({node_location(n) for n in g.gm.graph.nodes
+                        if n.op == "call_module" and n.target == rel and node_location(n)})
+        at = f" at {', '.join(lines)}" if lines else ""
+        return f"called from the traced graph of {display_fqn(g.fqn)}{at}"
     op = tr.nearest_opaque(fqn)
     if op is not None:
         return f"inside untraceable {display_fqn(op[0])} ({op[1]})"

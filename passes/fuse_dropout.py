@@ -145,3 +145,29 @@ def fuse_dropout(gm: fx.GraphModule, feed: DropoutFeed) -> PassResult:
 def dropout_source_of(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     info = _dropout_info(gm, node)
     return info[2] if isinstance(info, tuple) else None
+
+
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def untraced_dropouts(model: nn.Module, opaque: dict[str, str], lstm_fqns: list[str]) -> list[dict]:
+    """Dropout modules that are children of an untraceable module holding an LSTM: without a
+    graph nothing shows whether they feed it, so they are listed (not fused) with the reason."""
+    out = []
+    for ofqn in opaque:
+        lstms = [f for f in lstm_fqns if not ofqn or f.startswith(ofqn + ".")]
+        if not lstms:
+            continue
+        owner = model.get_submodule(ofqn)
+        for name, child in owner.named_children():
+            if isinstance(child, _DROPOUT_MODULES):
+                fqn = f"{ofqn}.{name}" if ofqn else name
+                where = ofqn or "<root>"
+                out.append({
+                    "node": fqn, "source": f"{type(child).__name__} '{fqn}'", "p": float(child.p),
+                    "target": ", ".join(lstms), "fused": False, "graph": None, "location": "",
+                    "reason": (f"{type(owner).__name__}.forward ({where}) cannot be traced, so nothing shows whether "
+                               "it feeds the LSTM; it stays as written. What you can do: make that forward "
+                               "traceable (see untraceable), or drop it and give the LSTM StructuredDropout(p_input=...)"),
+                })
+    return out

@@ -113,3 +113,23 @@ def test_dot_label_of_an_untraceable_module_is_complete():
     label = next(line for line in dot.splitlines() if '"opaque:' in line and "label=" in line)
     text = label.split("label=", 1)[1].replace("\\n", " ")
     assert "What you can do:" in text and "torch.where" in text  # the whole reason, wrapped
+
+
+def test_dropout_next_to_an_lstm_in_untraceable_code_is_listed():
+    from tests.models.cases import case
+
+    from rnn_sparsify import StructuredDropout
+
+    m, _ = case("packed_unsorted").factory()
+    rep = inspect_model(m, StructuredDropout(0.25))
+    (d,) = [d for d in rep.dropouts if d["node"] == "drop"]
+    assert not d["fused"] and d["target"] == "lstm" and "cannot be traced" in d["reason"]
+    assert "What you can do" in d["reason"]
+    assert "dropout drop not fused into lstm" in rep.table()
+
+
+def test_lstm_row_names_the_line_that_calls_it():
+    from tests.models.cases import case
+
+    rep = inspect_model(case("dropout_before_and_between").factory()[0])
+    assert "cases.py:" in rep["lstm1"].reason and "cases.py:" in rep["lstm2"].reason
