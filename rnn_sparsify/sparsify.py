@@ -261,7 +261,7 @@ class SparsifyReport:
         widths = [min(max(len(r[k]) for r in rows), 40) for k in range(4)]
         lines = []
         for r in rows:
-            cells = [r[k][:40].ljust(widths[k]) for k in range(4)]
+            cells = [r[k].ljust(widths[k]) for k in range(4)]  # never cut: a long name breaks alignment only
             lines.append("  ".join(cells + [r[4]]))
         lines.insert(1, "-" * min(len(lines[0]), 120))
         if self.configs:

@@ -133,3 +133,11 @@ def test_lstm_row_names_the_line_that_calls_it():
 
     rep = inspect_model(case("dropout_before_and_between").factory()[0])
     assert "cases.py:" in rep["lstm1"].reason and "cases.py:" in rep["lstm2"].reason
+
+
+def test_table_never_cuts_a_module_path():
+    name = "an_encoder_with_a_really_quite_long_descriptive_name"
+    m = nn.Module()
+    m.add_module(name, nn.LSTM(4, 4))
+    m.forward = lambda x: getattr(m, name)(x)[0]
+    assert name in inspect_model(m).table()
