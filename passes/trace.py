@@ -176,7 +176,7 @@ _CAUSES = (
      "a tensor value used where Python needs a plain number (range(len(x)), a size given to torch.zeros(...), "
      "iteration over a tensor)",
      "use tensor methods (x.new_zeros(...), x.size(0) passed on as a tensor) or move the loop into a submodule"),
-    (("__cuda_array_interface__", "__array__", "tolist", "numpy", "item()", "pack_padded_sequence"),
+    (("__cuda_array_interface__", "__array", "tolist", "numpy", "item()", "pack_padded_sequence"),
      "a call that needs real tensor data (pack_padded_sequence with lengths, .tolist(), .item(), numpy)",
      "nothing for sparsity (the LSTMs inside are swapped and sparse); for dropout fusion, move that call into "
      "a submodule of its own"),

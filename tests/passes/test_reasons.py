@@ -80,9 +80,9 @@ class ZerosState(nn.Module):
 
 
 @pytest.mark.parametrize("cell, words", [
-    (Coupled3, ("forget gate f", "not a sigmoid", "chunk(3)", "test_lstm_like_variants.py:24")),
-    (InnerTerm, ("hidden output h'", "plus another term", "test_lstm_like_variants.py:38")),
-    (ReluOut, ("output gate o", "relu", "test_lstm_like_variants.py:47")),
+    (Coupled3, ("forget gate f", "not a sigmoid", "chunk(3)", "test_reasons.py:24")),
+    (InnerTerm, ("hidden output h'", "plus another term", "test_reasons.py:38")),
+    (ReluOut, ("output gate o", "relu", "test_reasons.py:47")),
 ])
 def test_variant_is_a_candidate_with_the_gate_it_stopped_at(cell, words):
     rep = inspect_model(Loop(cell()))  # was NoLSTMFoundError, without a word
@@ -101,7 +101,7 @@ def test_standard_cell_with_residual_outside_is_rewritten():
 def test_untraceable_reason_in_user_terms_raw_text_in_details():
     rep = inspect_model(ZerosState())
     why = rep.untraceable[""]
-    assert "control flow" in why and "test_lstm_like_variants.py:77 `if x.sum() > 0:`" in why
+    assert "control flow" in why and "test_reasons.py:77 `if x.sum() > 0:`" in why
     assert "module swap" in why and "torch.where" in why
     assert "symbolically traced" not in why and "symbolically traced" in rep.details["<root>"]
     assert rep.to_dict()["details"] == rep.details
@@ -141,3 +141,35 @@ def test_table_never_cuts_a_module_path():
     m.add_module(name, nn.LSTM(4, 4))
     m.forward = lambda x: getattr(m, name)(x)[0]
     assert name in inspect_model(m).table()
+
+
+class ZerosOfShape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.LSTMCell(4, 4)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[1], 4)
+        return self.cell(x[0], (h, h))[0]
+
+
+class NumpyShape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 4)
+
+    def forward(self, x):
+        import numpy as np
+
+        return self.lstm(x[: np.asarray(x).shape[0]])[0]
+
+
+@pytest.mark.parametrize("model, construct, line", [
+    (ZerosOfShape, "a tensor value used where Python needs a plain number", "h = torch.zeros(x.shape[1], 4)"),
+    (NumpyShape, "a call that needs real tensor data", "np.asarray(x)"),
+])
+def test_untraceable_constructs_are_named(model, construct, line):
+    rep = inspect_model(model())
+    why = rep.untraceable[""]
+    assert construct in why and line in why and "test_reasons.py:" in why
+    assert "Proxy" not in why and "__array" not in why and rep.details["<root>"]
