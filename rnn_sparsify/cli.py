@@ -143,9 +143,13 @@ def backend_choice(device, dtype) -> tuple[str, str]:
     (:func:`rnn_sparsify.kernels.select_backend`)."""
     import torch
 
+    from .codegen.errors import CodegenError
     from .kernels import select_backend
 
-    name = select_backend(torch.device(device), dtype).name
+    try:
+        name = select_backend(torch.device(device), dtype).name
+    except CodegenError as e:  # e.g. RNN_SPARSIFY_KERNELS names a broken bundle
+        return "reference", f"the kernel bundle cannot be loaded: {e}"
     dt = str(dtype).replace("torch.", "")
     if name != "reference":
         return name, f"the first backend rule that applies to {device}/{dt}"
