@@ -63,6 +63,9 @@ MODEL = textwrap.dedent('''
     def make_triple():
         return LM(), (torch.randint(0, 20, (3, 2)),), {"scale": 2.0}
 
+    def make_bad_inputs():
+        return LM(), (torch.randn(2, 2),)  # floats where token ids go
+
     def make_raises():
         raise RuntimeError("factory failed on purpose")
 
@@ -100,6 +103,8 @@ def _cases():
         "tuple-returning factory": per_command("good.py:make_pair"),
         "triple-returning factory": loader_only("good.py:make_triple", 0, BUILD),
         "no LSTM in the model": per_command("good.py:make_no_lstm", 5, 5, 5, 5),
+        "example inputs fail": {"inspect": (["inspect", "good.py:make_bad_inputs"], 6),
+                                "compile": None, "bench": None, "env": None},
         "nothing to build": {"compile": (["compile", "-o", "bundle", "--model", "good.py:make", *SMALL], 7),
                              "inspect": None, "bench": None, "env": None},
         "bad probability": {
