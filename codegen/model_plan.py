@@ -133,9 +133,11 @@ def plan_model(model, batch: int, seq_len: int, dtype: Optional[str] = None, *, 
             plan.entries.append(PlanEntry(name, kind, False, why))
     if not configs:
         # hand-written cells of a dense model are only visible to the graph passes
+        from rnn_sparsify.sparsify import NoLSTMFoundError
+
         try:
             report = inspect_model(model)
-        except Exception:  # noqa: BLE001 - listing only; the module walk above stands
+        except NoLSTMFoundError:
             report = None
         if report is not None:
             for e in report.lstms:

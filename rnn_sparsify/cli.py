@@ -53,12 +53,12 @@ def run_inspect(spec: str, configs: Sequence = (), *, use_inputs: bool = True, f
         report = inspect_model(model, *configs, example_inputs=inputs, example_kwargs=kwargs)
     except NoLSTMFoundError as e:
         raise NoLSTMError(str(e)) from e
-    except ValueError as e:
-        if "example_inputs" in str(e):
+    except (ValueError, TypeError) as e:
+        if "example_inputs do not run" in str(e):
             raise ExampleInputsError(str(e)) from e
-        raise ConfigArgError(str(e)) from e
-    except TypeError as e:
-        raise ConfigArgError(str(e)) from e
+        if str(e).startswith("sparsify:"):  # the library's own checks of the configs
+            raise ConfigArgError(str(e)) from e
+        raise  # anything else is a bug: reported as an internal error
     if fmt == "dot":
         from rnn_sparsify.passes.dot import to_dot
 
