@@ -336,6 +336,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("rnn-sparsify: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rnn-sparsify inspect ... | head`: the reader has all it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 0
     except Exception as e:  # noqa: BLE001 - every error ends in one line and an exit code
         from .codegen.errors import CodegenError
 
