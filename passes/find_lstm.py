@@ -23,7 +23,7 @@ from rnn_sparsify.modules import SparseMixin
 
 from .match_cell import CellMatch, match_lstm_cells
 from .rewrite import base_forward_problem
-from .trace import TraceResult, is_lstm_like, is_scripted, node_location
+from .trace import TraceResult, is_lstm_like, is_scripted
 
 __all__ = ["LSTMSite", "find_lstms", "module_shapes", "display_fqn"]
 
@@ -57,6 +57,8 @@ def module_shapes(m: nn.Module) -> dict:
 
 
 def _location(tr: TraceResult, fqn: str) -> str:
+    from .user_code import node_location
+
     g = tr.graph_of(fqn)
     if g is not None:
         rel = fqn[len(g.fqn) + 1:] if g.fqn else fqn

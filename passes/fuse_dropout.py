@@ -30,8 +30,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from .trace import node_location
-
 __all__ = ["DropoutFeed", "DropoutRefusal", "find_dropout_feeds", "fuse_dropout"]
 
 _FN_DROPOUT = (F.dropout, torch.dropout)
@@ -47,6 +45,8 @@ class DropoutFeed:
     source: str  # e.g. "nn.Dropout 'drop'" or "F.dropout"
 
     def to_dict(self) -> dict:
+        from .user_code import node_location
+
         return {"node": self.dropout.name, "source": self.source, "p": self.p, "location": node_location(self.dropout)}
 
 
@@ -119,6 +119,8 @@ def find_dropout_feeds(
                 refused.append(DropoutRefusal(arg.name, node.name, "in-place dropout whose input has other users"))
                 continue
             feeds.append(DropoutFeed(arg, node, p, source))
+    from .user_code import node_location
+
     by_name = {n.name: n for n in gm.graph.nodes}
     for r in refused:
         r.location = node_location(by_name[r.dropout]) if r.dropout in by_name else ""

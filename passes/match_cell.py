@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .trace import ADD_TARGETS, MUL_TARGETS, node_location
+from .trace import ADD_TARGETS, MUL_TARGETS
+from .user_code import node_location
 
 __all__ = ["Projection", "CellMatch", "CellRefusal", "match_lstm_cells", "node_kind"]
 

@@ -25,10 +25,6 @@ Post-condition: every module of the model is in exactly one of ``graphs`` (a tra
 from __future__ import annotations
 
 import operator
-import os
-import sys
-import sysconfig
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -47,8 +43,6 @@ __all__ = [
     "trace_module",
     "trace_degrading",
     "dynamic_dropout_flags",
-    "explain_untraceable",
-    "node_location",
 ]
 
 LSTM_TYPES = (nn.LSTM, nn.LSTMCell)
@@ -63,37 +57,10 @@ def is_lstm_like(m: nn.Module) -> bool:
     return isinstance(m, LSTM_TYPES) and not is_scripted(m)
 
 
-# Frames of these folders are not the user's code (torch, this package, the standard library).
-_NOT_USER = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, fx))
-_OURS = tuple({os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + d + os.sep
-               for d in ("rnn_sparsify", "passes", "codegen")})
-_STDLIB = tuple({sysconfig.get_paths()["stdlib"] + os.sep})
-LOCATION_KEY = "rnn_sparsify_location"  # node.meta key: "file.py:line" of the user's code
-
-
-def _is_user_file(filename: str) -> bool:
-    f = os.path.abspath(filename) if not filename.startswith("<") else filename
-    return not (f.startswith("<") or f.startswith(_NOT_USER) or f.startswith(_OURS) or f.startswith(_STDLIB))
-
-
-def _short_path(filename: str) -> str:
-    try:
-        rel = os.path.relpath(filename)
-    except ValueError:  # another drive
-        return filename
-    return rel if not rel.startswith("..") else filename
-
-
-def _format_location(filename: str, lineno: int, code: str = "") -> str:
-    loc = f"{_short_path(filename)}:{lineno}"
-    return f"{loc} `{code.strip()}`" if code and code.strip() else loc
-
-
 class LeafTracer(fx.Tracer):
     """fx tracer with LSTM modules, TorchScript modules and ``extra_leaves`` kept as leaves.
 
-    Every node records where the user's code created it (``node.meta[LOCATION_KEY]``,
-    ``file.py:line``; cheaper than fx's ``record_stack_traces`` and not printed in ``gm.code``).
+    Every node records where the user's code created it (:func:`.user_code.node_location`).
     """
 
     def __init__(self, extra_leaves: frozenset[int] = frozenset()) -> None:
@@ -101,13 +68,9 @@ class LeafTracer(fx.Tracer):
         self.extra_leaves = extra_leaves
 
     def create_node(self, *args, **kwargs):
-        node = super().create_node(*args, **kwargs)
-        f = sys._getframe(1)
-        while f is not None and not _is_user_file(f.f_code.co_filename):
-            f = f.f_back
-        if f is not None:
-            node.meta[LOCATION_KEY] = f"{_short_path(f.f_code.co_filename)}:{f.f_lineno}"
-        return node
+        from .user_code import record_location
+
+        return record_location(super().create_node(*args, **kwargs))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, LSTM_TYPES) or is_scripted(m) or id(m) in self.extra_leaves:
@@ -159,44 +122,6 @@ def _join(prefix: str, name: str) -> str:
 def _short(e: BaseException, limit: int = 160) -> str:
     text = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def node_location(node: fx.Node) -> str:
-    """``file.py:line`` of the user's code that created ``node`` ("" if unknown)."""
-    return node.meta.get(LOCATION_KEY, "")
-
-
-# what fx raised -> (what construct it is, what the user can do)
-_CAUSES = (
-    (("symbolically traced variables cannot be used as inputs to control flow",),
-     "Python control flow (if / while / assert) on a tensor value",
-     "move the branch into a submodule, or make it a tensor operation (torch.where)"),
-    (("cannot be interpreted as an integer", "has no len()", "object is not iterable", "Proxy' object is not",
-      "positional argument", "iter(", "Proxy"),
-     "a tensor value used where Python needs a plain number (range(len(x)), a size given to torch.zeros(...), "
-     "iteration over a tensor)",
-     "use tensor methods (x.new_zeros(...), x.size(0) passed on as a tensor) or move the loop into a submodule"),
-    (("__cuda_array_interface__", "__array", "tolist", "numpy", "item()", "pack_padded_sequence"),
-     "a call that needs real tensor data (pack_padded_sequence with lengths, .tolist(), .item(), numpy)",
-     "nothing for sparsity (the LSTMs inside are swapped and sparse); for dropout fusion, move that call into "
-     "a submodule of its own"),
-)
-
-
-def explain_untraceable(module: nn.Module, e: BaseException) -> str:
-    """Why ``module`` could not be traced, in the user's terms: the construct, where in their
-    source (file:line `code`), what is done instead and what they can do. The raw exception
-    text goes to ``TraceResult.details``."""
-    frames = [fr for fr in traceback.extract_tb(e.__traceback__) if _is_user_file(fr.filename)]
-    where = f" at {_format_location(frames[-1].filename, frames[-1].lineno, frames[-1].line or '')}" if frames else ""
-    raw = f"{type(e).__name__}: {e}"
-    what, todo = "code torch.fx cannot trace", "make that line traceable (see torch.fx's limitations)"
-    for keys, cause, advice in _CAUSES:
-        if any(k in raw for k in keys):
-            what, todo = cause, advice
-            break
-    return (f"{type(module).__name__}.forward cannot be traced by torch.fx: {what}{where}. Done instead: its LSTMs "
-            f"are swapped in place (module swap), dropouts around them stay as written. What you can do: {todo}")
 
 
 def trace_module(module: nn.Module, extra_leaves: frozenset[int] = frozenset()) -> fx.GraphModule:
@@ -252,6 +177,8 @@ def _check_mode_independent(module: nn.Module, gm: fx.GraphModule, leaves: froze
         module.train(was)
     dynamic_dropout_flags(other)
     if other.code != gm.code:
+        from .user_code import node_location
+
         where = ""
         for a, b in zip(list(gm.graph.nodes) + [None], list(other.graph.nodes) + [None]):
             if a is None or b is None or (a.op, a.target) != (b.op, b.target):
@@ -273,6 +200,8 @@ def trace_degrading(model: nn.Module) -> TraceResult:
         try:
             return trace_module(module, leaves)
         except Exception as e:
+            from .user_code import explain_untraceable
+
             res.opaque[fqn] = explain_untraceable(module, e)
             res.details[fqn] = _short(e, limit=2000)
             return None

@@ -379,7 +379,7 @@ def _set_path(root: nn.Module, fqn: str, new: nn.Module) -> None:
 def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: bool, example_kwargs=None):
     from rnn_sparsify.kernels import select_backend
     from rnn_sparsify.passes.find_lstm import display_fqn, find_lstms
-    from rnn_sparsify.passes.fuse_dropout import find_dropout_feeds, fuse_dropout, untraced_dropouts
+    from rnn_sparsify.passes.fuse_dropout import find_dropout_feeds, fuse_dropout
     from rnn_sparsify.passes.rewrite import build_region, install_graph_forward, rewrite_cell, swap_lstm
     from rnn_sparsify.passes.trace import trace_degrading
 
@@ -509,8 +509,6 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
             install_graph_forward(owner, tg.gm.graph)
             graph_rewrites[gfqn] = changes
 
-    dropouts += untraced_dropouts(work, tr.opaque, [e.fqn for e in entries if e.handling == MODULE_SWAP])
-
     # configure cell regions, swap modules ---------------------------------------------
     for s in sites:
         e = by_site[id(s)]
@@ -542,6 +540,9 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
             else:
                 e.reason += "; weight sparsity not attached (it applies to nn.LSTM/nn.LSTMCell modules)"
 
+    from rnn_sparsify.passes.fuse_dropout import untraced_dropouts  # next to LSTMs in untraceable code
+
+    dropouts += untraced_dropouts(work, tr.opaque, [e.fqn for e in entries if e.handling == MODULE_SWAP])
     report = SparsifyReport(
         lstms=entries, configs=cfg.to_list(), graph_rewrites=graph_rewrites,
         untraceable={k: v for k, v in tr.opaque.items()}, dropouts=dropouts, applied=applied,
