@@ -194,8 +194,8 @@ class SparsifyReport:
     graph_rewrites: dict[str, list[str]]
     untraceable: dict[str, str]
     dropouts: list[dict]
+    details: dict[str, str] = field(default_factory=dict)  # module -> raw error text (``--verbose``)
     applied: bool = True
-    details: dict[str, str] = field(default_factory=dict)  # module/site -> raw error text (``--verbose``)
 
     def __getitem__(self, fqn: str) -> LSTMEntry:
         for e in self.lstms:
@@ -546,8 +546,8 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
     report = SparsifyReport(
         lstms=entries, configs=cfg.to_list(), graph_rewrites=graph_rewrites,
         untraceable={k: v for k, v in tr.opaque.items()}, dropouts=dropouts, applied=applied,
-        details={display_fqn(k): v for k, v in tr.details.items()},
     )
+    report.details.update((display_fqn(k), v) for k, v in tr.details.items())
     return work, report
 
 
