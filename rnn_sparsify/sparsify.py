@@ -73,6 +73,17 @@ def _dispatch(configs: tuple) -> _Configs:
     return _Configs(**slots)
 
 
+def _require_config(configs: tuple) -> None:
+    """``sparsify`` changes nothing sparse without a config: refuse, as ``torchao.quantize_`` does."""
+    if not configs:
+        raise TypeError(
+            "sparsify: no config given, so nothing would become sparse. Pass at least one of "
+            "StructuredDropout(p_input, p_recurrent), GateGradientSparsity.coarse()/.fine()/.meprop(), "
+            "WeightSparsity.gradual(total_steps, ...)/.dst(...), e.g. sparsify(model, StructuredDropout(0.25, 0.25)); "
+            "to see what sparsify would find without changing anything, call inspect_model(model) "
+            "or run `rnn-sparsify inspect file.py:factory`")
+
+
 # ---------------------------------------------------------------------------------------
 # FLOPs
 def _gate_keep(gs: Optional[GateGradientSparsity], hidden: int, batch: int) -> float:
@@ -590,13 +601,7 @@ def sparsify(
         ValueError: two configs of one type; ``example_inputs`` that do not run.
         NoLSTMFoundError: nothing LSTM-like in the model.
     """
-    if not configs:
-        raise TypeError(
-            "sparsify: no config given, so nothing would become sparse. Pass at least one of "
-            "StructuredDropout(p_input, p_recurrent), GateGradientSparsity.coarse()/.fine()/.meprop(), "
-            "WeightSparsity.gradual(total_steps, ...)/.dst(...), e.g. sparsify(model, StructuredDropout(0.25, 0.25)); "
-            "to see what sparsify would find without changing anything, call inspect_model(model) "
-            "or run `rnn-sparsify inspect file.py:factory`")
+    _require_config(configs)
     work, report = _run(model, configs, filter_fn, example_inputs, applied=True, example_kwargs=example_kwargs)
     setattr(work, REPORT_ATTR, report)
     return work
