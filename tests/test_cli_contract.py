@@ -103,6 +103,8 @@ def _cases():
         "tuple-returning factory": per_command("good.py:make_pair"),
         "triple-returning factory": loader_only("good.py:make_triple", 0, BUILD),
         "no LSTM in the model": per_command("good.py:make_no_lstm", 5, 5, 5, 5),
+        "no kernel bundle": {"bench": (["bench", "--bundle", "no_such_bundle", "--config", "2x8"], 9),
+                             "inspect": None, "compile": None, "env": None},
         "example inputs fail": {"inspect": (["inspect", "good.py:make_bad_inputs"], 6),
                                 "compile": None, "bench": None, "env": None},
         "nothing to build": {"compile": (["compile", "-o", "bundle", "--model", "good.py:make", *SMALL], 7),
