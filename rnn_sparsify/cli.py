@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from .target import (
     EXIT_CODES, REPORT_HINT, CLIError, ConfigArgError, EnvironmentMissing, ExampleInputsError, FactoryError,
