@@ -49,7 +49,13 @@ def _dtype(module, dtype: Optional[str]) -> str:
     if dtype is not None:
         return dtype
     w = next(iter(module.parameters()), None)
-    return str(w.dtype).replace("torch.", "") if w is not None else "float32"
+    dt = str(w.dtype).replace("torch.", "") if w is not None else "float32"
+    if dt not in ("bfloat16", "float16", "float32"):
+        from .errors import UnsupportedGemm
+
+        raise UnsupportedGemm(f"the model's parameters are {dt}; the kernels are bfloat16, float16 or float32: "
+                              "pass --dtype (dtype= in Python)")
+    return dt
 
 
 def _cfg_text(sd, gs) -> str:

@@ -58,3 +58,12 @@ def test_no_lstm_raises():
         plan_model(nn.Linear(3, 3), 2, 2, structured_dropout=StructuredDropout(0.5))
     with pytest.raises(NoLSTMFoundError):
         plan_model(nn.Linear(3, 3), 2, 2)
+
+
+def test_a_dtype_without_kernels_asks_for_one():
+    from rnn_sparsify.codegen.errors import UnsupportedGemm
+
+    m = nn.Sequential(nn.LSTM(4, 4)).double()
+    with pytest.raises(UnsupportedGemm, match="float64.*--dtype"):
+        plan_model(m, 2, 3, structured_dropout=StructuredDropout(0.5))
+    assert plan_model(m, 2, 3, "float16", structured_dropout=StructuredDropout(0.5)).lstms[0].dtype == "float16"
