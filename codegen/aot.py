@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 from .errors import CodegenError, ToolchainMissing, UnsupportedGemm
 from .gemm_gather import IndexedGemm
-from .lstm_spec import LSTMSpec, specs_from_model
+from .lstm_spec import LSTMSpec
 from .manifest import KernelEntry, KernelParam, Manifest, content_hash, file_hash
 
 GENERATOR_VERSION = "1"  # bump when generated code changes for the same spec
@@ -216,12 +216,20 @@ def compile_lstms(lstms: Sequence[LSTMSpec], archs: Sequence[str], out_dir, **kw
     return compile_specs(specs, archs, out_dir, lstms=lstms, **kw)
 
 
-def compile_model(model, batch: int, seq_len: int, archs: Sequence[str], out_dir, dtype: str | None = None, **kw) -> Manifest:
-    """Build the kernels of every LSTM inside ``model`` for one batch size and sequence length."""
-    lstms = specs_from_model(model, batch, seq_len, dtype)
-    if not lstms:
-        raise UnsupportedGemm(f"{type(model).__name__} contains no nn.LSTM / SparseLSTM")
-    return compile_lstms(lstms, archs, out_dir, **kw)
+def compile_model(model, batch: int, seq_len: int, archs: Sequence[str], out_dir, dtype: str | None = None, *,
+                  structured_dropout=None, gate_sparsity=None, **kw) -> Manifest:
+    """Build the kernels ``model`` needs for one batch size and sequence length: every sparse
+    ``SparseLSTM``/``SparseLSTMCell``/hand-written cell, with the configs on the model or, if
+    given, the model sparsified with ``structured_dropout``/``gate_sparsity`` first (see
+    :func:`~.model_plan.plan_model`, which also says why an LSTM is not built)."""
+    from .model_plan import plan_model
+
+    plan = plan_model(model, batch, seq_len, dtype, structured_dropout=structured_dropout,
+                      gate_sparsity=gate_sparsity)
+    if not plan.lstms:
+        why = "; ".join(f"{e.name}: {e.reason}" for e in plan.entries)
+        raise UnsupportedGemm(f"{type(model).__name__}: no LSTM needs a sparse kernel ({why})")
+    return compile_lstms(plan.lstms, archs, out_dir, **kw)
 
 
 __all__ = [

@@ -1,114 +1,207 @@
 """``rnn-sparsify compile`` and ``rnn-sparsify bench``: thin argparse front ends.
 
 ``rnn_sparsify.cli`` calls :func:`register` with its subparsers. Each subcommand delegates to
-a library function (:func:`rnn_sparsify.codegen.aot.compile_lstms` /
-:func:`~rnn_sparsify.codegen.aot.compile_model`, :func:`rnn_sparsify.codegen.bench.run`);
-typed errors become exit codes (``CodegenError.exit_code``) with the message as the hint.
+a library function (:func:`rnn_sparsify.codegen.aot.compile_lstms`,
+:func:`rnn_sparsify.codegen.model_plan.plan_model`, :func:`rnn_sparsify.codegen.bench.run`);
+every option is checked by its argparse type before any work (``rnn_sparsify.target``), and
+typed errors become exit codes (``CodegenError.exit_code``, ``CLIError.exit_code``).
 Importing this module is cheap: TVM is imported only when compiling.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
 import sys
 
+from rnn_sparsify.target import (
+    GATE_HELP, EnvironmentMissing, NoLSTMError, NothingToBuildError, arch, gate_spec, load_model,
+    model_target, output_problem, positive_int, probability,
+)
+
 from .errors import CodegenError
+
+MODEL_HELP = ("path/to/file.py:factory, package.module:factory (from the current folder) or a torch.save'd "
+              "model (.pt); the factory returns a module, (module, example_inputs) or (module, example_inputs, "
+              "example_kwargs)")
 
 
 def _gate(text: str | None):
     """``coarse:P=4,R=8,S=4`` | ``meprop:keep=0.5`` | ``fine:My=8,Mx=4,K=4`` -> config dict."""
     if not text:
         return None
-    mode, _, rest = text.partition(":")
-    d = {"kind": "gate_gradient_sparsity", "mode": mode}
-    for item in filter(None, rest.split(",")):
-        k, _, v = item.partition("=")
-        d[k.strip()] = float(v) if k.strip() == "keep" else int(v)
-    return d
+    return gate_spec(text)
 
 
-def _load_model(target: str):
-    """``package.module:factory`` -> ``factory()`` (a torch module)."""
-    mod, _, attr = target.partition(":")
-    if not attr:
-        raise CodegenError(f"--model must be 'module:callable', got {target!r}")
-    obj = getattr(importlib.import_module(mod), attr)
-    return obj() if callable(obj) and not hasattr(obj, "named_modules") else obj
+def _flag_configs(args: argparse.Namespace):
+    from rnn_sparsify.config import StructuredDropout, config_from_dict
+
+    sd = StructuredDropout(args.p_input, args.p_recurrent) if (args.p_input or args.p_recurrent) else None
+    return sd, (config_from_dict(args.gate) if args.gate else None)
+
+
+def build_from_model(target: str, batch: int, seq_len: int, archs, out, *, dtype=None, structured_dropout=None,
+                     gate_sparsity=None, **kw):
+    """``compile --model``: load the model, plan its kernels, build them. Returns ``(plan, manifest)``.
+
+    Raises ``NoLSTMError`` (nothing LSTM-like) and ``NothingToBuildError`` (no LSTM needs a
+    sparse kernel, each LSTM's reason in the message).
+    """
+    from rnn_sparsify.sparsify import NoLSTMFoundError
+
+    from .aot import compile_lstms
+    from .model_plan import plan_model
+
+    model = load_model(target).module
+    try:
+        plan = plan_model(model, batch, seq_len, dtype, structured_dropout=structured_dropout,
+                          gate_sparsity=gate_sparsity)
+    except NoLSTMFoundError as e:
+        raise NoLSTMError(str(e)) from e
+    if not plan.lstms:
+        why = "; ".join(f"{e.name}: {e.reason}" for e in plan.entries)
+        err = NothingToBuildError(f"nothing to build: no LSTM of {target} needs a sparse kernel ({why})")
+        if plan.sparsified_from_flags:
+            err.hint = "each LSTM above is skipped or has no sparse GEMM; `rnn-sparsify inspect` shows why in detail"
+        raise err
+    return plan, compile_lstms(plan.lstms, archs, out, **kw)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .aot import compile_lstms, compile_model
+    from .aot import compile_lstms, compile_specs
     from .lstm_spec import LSTMSpec
 
     kw = dict(cache_dir=args.cache_dir, progress=not args.quiet)
+    sd, gs = _flag_configs(args)
     if args.model:
-        manifest = compile_model(_load_model(args.model), args.batch, args.seq_len, args.arch, args.out,
-                                 dtype=args.dtype, **kw)
+        plan, manifest = build_from_model(args.model, args.batch, args.seq_len, args.arch, args.out,
+                                          dtype=args.dtype, structured_dropout=sd, gate_sparsity=gs, **kw)
+        print(plan.table())
     else:
-        if args.input_size is None or args.hidden_size is None:
-            raise CodegenError("give --model, or --input-size and --hidden-size (an LSTM spec)")
-        sd = None
-        if args.p_input or args.p_recurrent:
-            sd = {"kind": "structured_dropout", "p_input": args.p_input, "p_recurrent": args.p_recurrent}
+        if sd is None and gs is None:
+            raise NothingToBuildError("nothing to build: the LSTM spec has no sparsity (every GEMM is dense, "
+                                      "cuBLAS runs it)")
         spec = LSTMSpec(
             input_size=args.input_size, hidden_size=args.hidden_size, batch=args.batch,
             seq_len=args.seq_len, num_layers=args.num_layers, bidirectional=args.bidirectional,
-            dtype=args.dtype or "bfloat16", structured_dropout=sd, gate_sparsity=_gate(args.gate),
+            dtype=args.dtype or "bfloat16", structured_dropout=sd.to_dict() if sd else None,
+            gate_sparsity=gs.to_dict() if gs else None,
         )
         manifest = compile_lstms([spec], args.arch, args.out, **kw)
-    from .aot import compile_specs
-
     stats = getattr(compile_specs, "last_stats", {})
     print(f"bundle {args.out}: {len(manifest.kernels)} kernels for {', '.join(manifest.archs)} "
           f"({stats.get('cache_hits', 0)} from cache)")
     return 0
 
 
+def bench_pairs(args: argparse.Namespace) -> list[tuple[int, int]] | None:
+    """``--config BxH`` pairs, or ``(batch, hidden)`` of each LSTM of ``--model``."""
+    if args.model:
+        from torch import nn
+
+        model = load_model(args.model).module
+        pairs = sorted({(args.batch, m.hidden_size) for m in model.modules() if isinstance(m, (nn.LSTM, nn.LSTMCell))})
+        if not pairs:
+            raise NoLSTMError(f"no nn.LSTM or nn.LSTMCell in {args.model} to benchmark")
+        return pairs
+    return [tuple(c) for c in args.config] if args.config else None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run
 
-    run(bundle=args.bundle, out=args.out, configs=args.config, seq_len=args.seq_len,
-        reps=args.reps, dtype=args.dtype)
+    if not os.path.isfile(os.path.join(args.bundle, "manifest.json")):
+        from .errors import BundleError
+
+        raise BundleError(f"{args.bundle} is not a kernel bundle (no manifest.json); build one with "
+                          f"`rnn-sparsify compile -o {args.bundle} ...`")
+    pairs = bench_pairs(args)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EnvironmentMissing("`rnn-sparsify bench` needs a CUDA GPU (torch.cuda.is_available() is False)")
+    run(bundle=args.bundle, out=args.out, configs=[f"{b}x{h}" for b, h in pairs] if pairs else None,
+        seq_len=args.seq_len, reps=args.reps, dtype=args.dtype)
     return 0
 
 
-def register(subparsers) -> None:
+def _bxh(text: str) -> tuple[int, int]:
+    b, sep, h = text.lower().partition("x")
+    try:
+        pair = (int(b), int(h))
+    except ValueError:
+        pair = None
+    if not sep or pair is None or min(pair) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxHIDDEN with both > 0, e.g. 64x512")
+    return pair
+
+
+def register(subparsers, parents=()) -> None:
     """Add the ``compile`` and ``bench`` subcommands to ``rnn_sparsify.cli``'s subparsers."""
     p = subparsers.add_parser(
-        "compile",
+        "compile", parents=list(parents),
         help="generate and compile the sparse GEMM kernels of a model or LSTM spec into a bundle",
         description="Build every indexed GEMM kernel an LSTM needs (TVM + nvcc, no GPU needed) into a "
-        "bundle folder: CUDA source, cubin, PTX and manifest.json. Needs apache-tvm and nvcc.",
+        "bundle folder: CUDA source, cubin, PTX and manifest.json. Needs apache-tvm and nvcc. With --model, "
+        "the sparsity comes from the flags (the model is sparsified with them) or, without flags, from the "
+        "configs already on the model (one returned by sparsify); every LSTM is listed, built or not and why.",
     )
-    p.add_argument("-o", "--out", required=True, help="bundle folder to write")
-    p.add_argument("--arch", action="append", required=True, help="target arch, e.g. sm_90 (repeatable)")
-    p.add_argument("--model", help="module:callable returning a model that contains (Sparse)LSTMs")
-    p.add_argument("--input-size", type=int)
-    p.add_argument("--hidden-size", type=int)
-    p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("-o", "--out", required=True, help="bundle folder to write (created with its parents)")
+    p.add_argument("--arch", action="append", required=True, type=arch,
+                   help="target arch, sm_80 or newer, e.g. sm_90 (repeatable)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=model_target, help=MODEL_HELP)
+    src.add_argument("--input-size", type=positive_int, help="an LSTM spec instead of a model (with --hidden-size)")
+    p.add_argument("--hidden-size", type=positive_int)
+    p.add_argument("--num-layers", type=positive_int, default=1)
     p.add_argument("--bidirectional", action="store_true")
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
-    p.add_argument("--p-input", type=float, default=0.0, help="structured dropout of the input units")
-    p.add_argument("--p-recurrent", type=float, default=0.0, help="structured dropout of h_{t-1}")
-    p.add_argument("--gate", help="gate-gradient sparsity, e.g. coarse:P=4,R=8,S=4 or meprop:keep=0.5")
+    p.add_argument("--batch", type=positive_int, required=True, help="batch size the kernels are built for")
+    p.add_argument("--seq-len", type=positive_int, required=True, help="sequence length (time steps per call)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="default: the model's parameter dtype (bfloat16 for an LSTM spec)")
+    p.add_argument("--p-input", type=probability, default=0.0, help="structured dropout of the input units, in [0, 1)")
+    p.add_argument("--p-recurrent", type=probability, default=0.0, help="structured dropout of h_{t-1}, in [0, 1)")
+    p.add_argument("--gate", type=gate_spec, help=f"gate-gradient sparsity: {GATE_HELP}")
     p.add_argument("--cache-dir", default=None, help="compile cache (default ~/.cache/rnn_sparsify/kernels)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_compile)
+    p.set_defaults(func=cmd_compile, check=_check_compile, subparser=p)
 
     b = subparsers.add_parser(
-        "bench",
-        help="time the generated kernels against cuBLAS, torch gather+matmul and cuDNN (needs a GPU)",
+        "bench", parents=list(parents),
+        help="time the generated kernels against cuBLAS, torch gather+matmul and cuDNN (needs a CUDA GPU)",
+        description="Time a kernel bundle on this GPU (needs a CUDA GPU and the gpu extra: pip install -e "
+        "'.[gpu]'; no TVM). The bundle must hold kernels for the configurations timed: build it with "
+        "`rnn-sparsify compile` for the same batch, hidden size, --seq-len and --dtype, p_input=p_recurrent=0.5.",
     )
-    b.add_argument("--bundle", required=True, help="kernel bundle (see `compile`)")
-    b.add_argument("--out", default="docs/benchmarks.md", help="markdown file to write")
-    b.add_argument("--config", action="append", default=None,
+    b.add_argument("--bundle", required=True, help="kernel bundle folder (see `compile`)")
+    b.add_argument("--out", default="docs/benchmarks.md", help="markdown file to write (folders created)")
+    b.add_argument("--model", type=model_target, help=MODEL_HELP + "; times each LSTM's hidden size at --batch")
+    b.add_argument("--batch", type=positive_int, default=64, help="batch size with --model (default 64)")
+    b.add_argument("--config", action="append", default=None, type=_bxh,
                    help="BATCHxHIDDEN, e.g. 64x512 (repeatable; default: the papers' configs)")
-    b.add_argument("--seq-len", type=int, default=35)
-    b.add_argument("--reps", type=int, default=50)
+    b.add_argument("--seq-len", type=positive_int, default=35)
+    b.add_argument("--reps", type=positive_int, default=50)
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    b.set_defaults(func=cmd_bench)
+    b.set_defaults(func=cmd_bench, check=_check_bench, subparser=b)
+
+
+def _check_compile(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cross-option checks (before any work); ``parser.error`` exits 2."""
+    if args.input_size is not None and args.hidden_size is None:
+        parser.error("--input-size needs --hidden-size")
+    if args.model and (args.hidden_size is not None or args.num_layers != 1 or args.bidirectional):
+        parser.error("--hidden-size/--num-layers/--bidirectional describe an LSTM spec; with --model the sizes "
+                     "come from the model")
+    why = output_problem(args.out, folder=True)
+    if why:
+        parser.error(f"argument -o/--out: {why}")
+
+
+def _check_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    why = output_problem(args.out, folder=False)
+    if why:
+        parser.error(f"argument --out: {why}")
+    if args.model and args.config:
+        parser.error("--model and --config both choose the configurations; give one")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -116,16 +209,15 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except CodegenError as e:
-        print(f"rnn-sparsify {args.command if hasattr(args, 'command') else ''}: error: {e}", file=sys.stderr)
+        print(f"rnn-sparsify {getattr(args, 'command', '')}: error: {e}", file=sys.stderr)
         return e.exit_code
 
 
 def main(argv=None) -> int:
-    """Stand-alone entry point (``python -m rnn_sparsify.codegen.cli``)."""
-    parser = argparse.ArgumentParser(prog="rnn-sparsify")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    return run_command(parser.parse_args(argv))
+    """Stand-alone entry point (``python -m rnn_sparsify.codegen.cli``): the full CLI."""
+    from rnn_sparsify.cli import main as full_main
+
+    return full_main(argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Typed errors of kernel generation and loading (no TVM import: the run-time loader uses them too).
 
-The CLI maps each to an exit code and prints the message, which says what to do.
+The CLI maps each to an exit code (the table is :data:`rnn_sparsify.target.EXIT_CODES`) and
+prints the message, which says what to do. A plain :class:`CodegenError` is an internal error
+(exit 1): generated code that does not compile is a bug of the generators.
 """
 from __future__ import annotations
 
@@ -14,13 +16,13 @@ class CodegenError(Exception):
 class ToolchainMissing(CodegenError):
     """TVM or nvcc (or a disassembler) is not installed where compiling needs it."""
 
-    exit_code = 3
+    exit_code = 8  # rnn_sparsify.target.EXIT_CODES: this machine lacks what the command needs
 
 
 class BundleError(CodegenError):
     """A kernel bundle is missing, malformed, built for another arch, or fails its hash check."""
 
-    exit_code = 4
+    exit_code = 9
 
 
 class UnsupportedGemm(CodegenError):

@@ -99,3 +99,10 @@ def evaluate(model: nn.Module, data: torch.Tensor, seq_len: int, max_batches: in
         count += y.numel()
     model.train()
     return math.exp(total / max(count, 1))
+
+
+def make_lm(vocab: int = 10000, batch: int = 20, seq_len: int = 35):
+    """Model factory for the command line (``rnn-sparsify inspect examples/lm_common.py:make_lm``):
+    the 2-layer language model of ``train_lm.py`` (emb = hidden = 200, its defaults) and one
+    batch of example tokens (seq_len x batch)."""
+    return WordLM(vocab, 200, 200, num_layers=2, dropout=0.0), (torch.randint(0, vocab, (seq_len, batch)),)

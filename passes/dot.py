@@ -9,6 +9,7 @@ model is changed (tracing runs on a copy).
 from __future__ import annotations
 
 import copy
+import textwrap
 
 from torch import nn
 
@@ -59,7 +60,8 @@ def model_graph(model: nn.Module):
             for a in n.all_input_nodes:
                 G.add_edge(f"{gfqn}/{a.name}", key)
     for fqn, why in tr.opaque.items():
-        G.add_node(f"opaque:{fqn}", label=f"{display_fqn(fqn)}\nnot traced: {why[:60]}", style="dashed", cluster="")
+        text = "\n".join(textwrap.wrap(f"not traced: {why}", 72))  # complete, wrapped (never cut)
+        G.add_node(f"opaque:{fqn}", label=f"{display_fqn(fqn)}\n{text}", style="dashed", cluster="")
     for s in sites:
         if s.graph_fqn is None and s.match is None:
             key = f"module:{s.fqn}"

@@ -57,9 +57,15 @@ def module_shapes(m: nn.Module) -> dict:
 
 
 def _location(tr: TraceResult, fqn: str) -> str:
+    from .user_code import node_location
+
     g = tr.graph_of(fqn)
     if g is not None:
-        return f"called from the traced graph of {display_fqn(g.fqn)}"
+        rel = fqn[len(g.fqn) + 1:] if g.fqn else fqn
+        lines = sorted({node_location(n) for n in g.gm.graph.nodes
+                        if n.op == "call_module" and n.target == rel and node_location(n)})
+        at = f" at {', '.join(lines)}" if lines else ""
+        return f"called from the traced graph of {display_fqn(g.fqn)}{at}"
     op = tr.nearest_opaque(fqn)
     if op is not None:
         return f"inside untraceable {display_fqn(op[0])} ({op[1]})"
@@ -123,6 +129,9 @@ def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
             sites.append(LSTMSite(
                 fqn, "hand-written cell (candidate)", {}, f"in the traced graph of {display_fqn(gfqn)}",
                 module=model.get_submodule(fqn), graph_fqn=gfqn, node=r.anchor,
-                refusal=f"cell-shaped subgraph not matched: {r.reason}",
+                refusal=(f"LSTM-like cell{' at ' + r.location if r.location else ''} not rewritten: {r.reason}. "
+                         "Done instead: it runs as written (dense, no structured dropout or gate sparsity). What you "
+                         "can do: write it as the standard cell (4 gate slices, sigmoid i/f/o, tanh g, c' = f*c + i*g, "
+                         "h' = o*tanh(c'); see docs/passes.md) or use nn.LSTMCell"),
             ))
     return sites

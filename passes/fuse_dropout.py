@@ -45,7 +45,9 @@ class DropoutFeed:
     source: str  # e.g. "nn.Dropout 'drop'" or "F.dropout"
 
     def to_dict(self) -> dict:
-        return {"node": self.dropout.name, "source": self.source, "p": self.p}
+        from .user_code import node_location
+
+        return {"node": self.dropout.name, "source": self.source, "p": self.p, "location": node_location(self.dropout)}
 
 
 @dataclass
@@ -53,9 +55,10 @@ class DropoutRefusal:
     dropout: str
     target: str
     reason: str
+    location: str = ""  # file.py:line of the dropout in the user's code
 
     def to_dict(self) -> dict:
-        return {"node": self.dropout, "target": self.target, "reason": self.reason}
+        return {"node": self.dropout, "target": self.target, "reason": self.reason, "location": self.location}
 
 
 def _dropout_info(gm: fx.GraphModule, node: fx.Node) -> Union[None, str, tuple[float, bool, str]]:
@@ -116,6 +119,11 @@ def find_dropout_feeds(
                 refused.append(DropoutRefusal(arg.name, node.name, "in-place dropout whose input has other users"))
                 continue
             feeds.append(DropoutFeed(arg, node, p, source))
+    from .user_code import node_location
+
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for r in refused:
+        r.location = node_location(by_name[r.dropout]) if r.dropout in by_name else ""
     return feeds, refused
 
 
@@ -139,3 +147,29 @@ def fuse_dropout(gm: fx.GraphModule, feed: DropoutFeed) -> PassResult:
 def dropout_source_of(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     info = _dropout_info(gm, node)
     return info[2] if isinstance(info, tuple) else None
+
+
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def untraced_dropouts(model: nn.Module, opaque: dict[str, str], lstm_fqns: list[str]) -> list[dict]:
+    """Dropout modules that are children of an untraceable module holding an LSTM: without a
+    graph nothing shows whether they feed it, so they are listed (not fused) with the reason."""
+    out = []
+    for ofqn in opaque:
+        lstms = [f for f in lstm_fqns if not ofqn or f.startswith(ofqn + ".")]
+        if not lstms:
+            continue
+        owner = model.get_submodule(ofqn)
+        for name, child in owner.named_children():
+            if isinstance(child, _DROPOUT_MODULES):
+                fqn = f"{ofqn}.{name}" if ofqn else name
+                where = ofqn or "<root>"
+                out.append({
+                    "node": fqn, "source": f"{type(child).__name__} '{fqn}'", "p": float(child.p),
+                    "target": ", ".join(lstms), "fused": False, "graph": None, "location": "",
+                    "reason": (f"{type(owner).__name__}.forward ({where}) cannot be traced, so nothing shows whether "
+                               "it feeds the LSTM; it stays as written. What you can do: make that forward "
+                               "traceable (see untraceable), or drop it and give the LSTM StructuredDropout(p_input=...)"),
+                })
+    return out

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .trace import ADD_TARGETS, MUL_TARGETS
+from .user_code import node_location
 
 __all__ = ["Projection", "CellMatch", "CellRefusal", "match_lstm_cells", "node_kind"]
 
@@ -164,6 +165,7 @@ class CellRefusal:
     scope: str
     anchor: str  # node name of h'
     reason: str
+    location: str = ""  # file.py:line of h' in the user's code
 
 
 # ---------------------------------------------------------------------------------------
@@ -630,6 +632,95 @@ def match_lstm_cells(gm: fx.GraphModule) -> tuple[list[CellMatch], list[CellRefu
                 refused.pop(anchor, None)
             elif anchor not in refused:
                 refused[anchor] = CellRefusal(_common_scope([anchor]), anchor.name, got)
+    for r in _lstm_like_refusals(gm, set(found) | set(refused) | taken):
+        refused[r.anchor] = r
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for r in refused.values():
+        r.location = r.location or node_location(by_name[r.anchor])
     order = {n: k for k, n in enumerate(gm.graph.nodes)}
     matches = sorted(found.values(), key=lambda cm: order[cm.h_out])
     return matches, sorted(refused.values(), key=lambda r: r.anchor)
+
+
+# ---------------------------------------------------------------------------------------
+# LSTM-like variants the core pattern does not see
+def _describe(gm: fx.GraphModule, n: Any) -> str:
+    if not isinstance(n, fx.Node):
+        return repr(n)
+    kind = node_kind(gm, n)
+    what = kind if kind != "other" else getattr(n.target, "__name__", str(n.target))
+    loc = node_location(n)
+    return f"{n.name} (a {what}{' at ' + loc if loc else ''})"
+
+
+def _chunks_of(gm: fx.GraphModule, act: fx.Node) -> Optional[int]:
+    """``N`` if the activation's input is a piece of ``chunk(N)``/``split`` into N (else None)."""
+    src = act.args[0] if act.args and isinstance(act.args[0], fx.Node) else None
+    if src is None or src.op != "call_function" or src.target is not operator.getitem:
+        return None
+    ch = src.args[0]
+    if isinstance(ch, fx.Node) and getattr(ch.target, "__name__", ch.target) in ("chunk", "tensor_split"):
+        n = _arg(ch, 1, "chunks", None) if ch.op == "call_function" else (ch.args[1] if len(ch.args) > 1 else ch.kwargs.get("chunks"))
+        return n if isinstance(n, int) else None
+    return None
+
+
+def _lstm_like_refusals(gm: fx.GraphModule, known: set) -> list[CellRefusal]:
+    """Cells shaped like ``h' = o * tanh(a*b + c*d)`` that the core pattern did not match
+    (coupled gates such as ``f = 1 - i``, gates chunked in three, a gate that is not a
+    sigmoid): each with the gate where the match stopped."""
+    out = []
+    for n in gm.graph.nodes:
+        if n in known or node_kind(gm, n) != "mul" or not _is_plain_binary(n):
+            continue
+        ops = list(n.args)
+        if not all(isinstance(a, fx.Node) for a in ops):
+            continue
+        for k, t in enumerate(ops):
+            extra_term = None
+            if node_kind(gm, t) == "add" and _is_plain_binary(t):  # h' = o * (tanh(c') + r)
+                inner = [a for a in t.args if isinstance(a, fx.Node) and node_kind(gm, a) == "tanh"]
+                if len(inner) == 1:
+                    extra_term, t = t, inner[0]
+            if node_kind(gm, t) != "tanh" or not t.args or not isinstance(t.args[0], fx.Node):
+                continue
+            cn = t.args[0]
+            if node_kind(gm, cn) == "norm" and cn.args and isinstance(cn.args[0], fx.Node):
+                cn = cn.args[0]
+            if node_kind(gm, cn) != "add" or not _is_plain_binary(cn):
+                continue
+            prods = list(cn.args)
+            if not all(isinstance(p, fx.Node) and node_kind(gm, p) == "mul" and _is_plain_binary(p) for p in prods):
+                continue
+            reason = _first_gate_problem(gm, ops[1 - k], prods)
+            if reason is None and extra_term is not None:
+                reason = (f"hidden output h': {n.name} = o * ({extra_term.name}: tanh(c') plus another term"
+                          f"{' at ' + node_location(extra_term) if node_location(extra_term) else ''}), "
+                          "not o * tanh(c')")
+            if reason is not None:
+                out.append(CellRefusal(_common_scope([n]), n.name, reason))
+            break
+    return out
+
+
+def _first_gate_problem(gm: fx.GraphModule, o: fx.Node, prods: list[fx.Node]) -> Optional[str]:
+    """The first gate of ``h' = o * tanh(c')``, ``c' = f*c + i*g`` that is not LSTM math."""
+    sig = [a for p in prods for a in p.args if isinstance(a, fx.Node) and node_kind(gm, a) == "sigmoid"]
+    chunked = {c for c in (_chunks_of(gm, a) for a in sig + ([o] if node_kind(gm, o) == "sigmoid" else [])) if c}
+    extra = (f"; its gates come from chunk({min(chunked)}), an LSTM cell has 4 gate slices (i, f, g, o)"
+             if chunked and 4 not in chunked else "")
+    if node_kind(gm, o) != "sigmoid":
+        return f"output gate o: h' = o * tanh(c') with o = {_describe(gm, o)}, not a sigmoid{extra}"
+    ig = [p for p in prods if any(isinstance(a, fx.Node) and node_kind(gm, a) == "tanh" for a in p.args)]
+    if not ig:
+        return f"candidate g: neither product of c' = {prods[0].name} + {prods[1].name} has a tanh operand{extra}"
+    ig = ig[0]
+    fc = prods[1] if ig is prods[0] else prods[0]
+    i = next(a for a in ig.args if not (isinstance(a, fx.Node) and node_kind(gm, a) == "tanh"))
+    if not (isinstance(i, fx.Node) and node_kind(gm, i) == "sigmoid"):
+        return f"input gate i: i * tanh(g) with i = {_describe(gm, i)}, not a sigmoid{extra}"
+    if not any(isinstance(a, fx.Node) and node_kind(gm, a) == "sigmoid" for a in fc.args):
+        f = fc.args[0] if fc.args[0] is not i else fc.args[1]
+        return (f"forget gate f: c' = f * c + i * g with f = {_describe(gm, f)}, not a sigmoid of its own gate slice "
+                f"(coupled input/forget gates, e.g. f = 1 - i, are another cell){extra}")
+    return None  # LSTM-shaped: the core pattern saw it (matched or refused with its own reason)

@@ -58,11 +58,19 @@ def is_lstm_like(m: nn.Module) -> bool:
 
 
 class LeafTracer(fx.Tracer):
-    """fx tracer with LSTM modules, TorchScript modules and ``extra_leaves`` kept as leaves."""
+    """fx tracer with LSTM modules, TorchScript modules and ``extra_leaves`` kept as leaves.
+
+    Every node records where the user's code created it (:func:`.user_code.node_location`).
+    """
 
     def __init__(self, extra_leaves: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.extra_leaves = extra_leaves
+
+    def create_node(self, *args, **kwargs):
+        from .user_code import record_location
+
+        return record_location(super().create_node(*args, **kwargs))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, LSTM_TYPES) or is_scripted(m) or id(m) in self.extra_leaves:
@@ -86,7 +94,8 @@ class TraceResult:
     graphs: dict[str, TracedGraph] = field(default_factory=dict)
     inlined: dict[str, str] = field(default_factory=dict)  # fqn -> fqn of the graph covering it
     leaves: dict[str, str] = field(default_factory=dict)  # fqn -> fqn of the graph calling it
-    opaque: dict[str, str] = field(default_factory=dict)  # fqn -> why it could not be traced
+    opaque: dict[str, str] = field(default_factory=dict)  # fqn -> why it could not be traced (user terms)
+    details: dict[str, str] = field(default_factory=dict)  # fqn -> the raw tracing error
     scripted: dict[str, str] = field(default_factory=dict)  # fqn -> reason
 
     def graph_of(self, fqn: str) -> Optional[TracedGraph]:
@@ -168,7 +177,18 @@ def _check_mode_independent(module: nn.Module, gm: fx.GraphModule, leaves: froze
         module.train(was)
     dynamic_dropout_flags(other)
     if other.code != gm.code:
-        return False, "forward branches on self.training (train and eval graphs differ)"
+        from .user_code import node_location
+
+        where = ""
+        for a, b in zip(list(gm.graph.nodes) + [None], list(other.graph.nodes) + [None]):
+            if a is None or b is None or (a.op, a.target) != (b.op, b.target):
+                loc = node_location(a) if a is not None else (node_location(b) if b is not None else "")
+                where = f" (first difference at {loc})" if loc else ""
+                break
+        return False, (f"forward of {type(module).__name__} branches on self.training (train and eval graphs "
+                       f"differ{where}), so rewriting it could change one of the two modes. What you can do: pass "
+                       "the mode as data, e.g. F.dropout(x, p, self.training) or nn.Dropout, instead of "
+                       "`if self.training:`")
     return True, ""
 
 
@@ -180,11 +200,15 @@ def trace_degrading(model: nn.Module) -> TraceResult:
         try:
             return trace_module(module, leaves)
         except Exception as e:
-            res.opaque[fqn] = _short(e)
+            from .user_code import explain_untraceable
+
+            res.opaque[fqn] = explain_untraceable(module, e)
+            res.details[fqn] = _short(e, limit=2000)
             return None
 
     def record(module: nn.Module, fqn: str, gm: fx.GraphModule, leaves: frozenset[int]) -> None:
         res.opaque.pop(fqn, None)
+        res.details.pop(fqn, None)
         dynamic_dropout_flags(gm)
         ok, why = _check_mode_independent(module, gm, leaves)
         leaf_names = [name for name, sub in module.named_modules() if name and id(sub) in leaves]
@@ -203,6 +227,7 @@ def trace_degrading(model: nn.Module) -> TraceResult:
                     res.inlined[full] = fqn
                     res.graphs.pop(full, None)
                     res.opaque.pop(full, None)
+                    res.details.pop(full, None)
                     walk(child, full)
 
         walk(module, fqn)

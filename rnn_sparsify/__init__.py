@@ -10,12 +10,15 @@ import importlib
 from .config import GateGradientSparsity, StructuredDropout, config_from_dict
 from .modules import SparseLSTM, SparseLSTMCell
 
+# Bound eagerly (cheap: torch and the configs only; the passes load inside the calls): the
+# submodule ``rnn_sparsify.sparsify`` shares its name with the function, and once any code has
+# imported the submodule, a lazy binding would hand users the module instead of the function.
+from .sparsify import SparsifyReport, get_report, inspect_model, sparsify
+
 __version__ = "0.1.0"
 
 # name -> submodule that defines it (imported on first attribute access)
 _LAZY = {
-    "sparsify": "rnn_sparsify.sparsify",
-    "SparsifyReport": "rnn_sparsify.sparsify",
     "WeightSparsity": "rnn_sparsify.weight_sparsity",
     "GradualPruningScheduler": "rnn_sparsify.weight_sparsity",
     "DSTScheduler": "rnn_sparsify.weight_sparsity",
@@ -24,8 +27,6 @@ _LAZY = {
     "detach_weight_sparsity": "rnn_sparsify.weight_sparsity",
     "weight_sparsity_stats": "rnn_sparsify.weight_sparsity",
     "strip_weight_masks": "rnn_sparsify.weight_sparsity",
-    "inspect_model": "rnn_sparsify.sparsify",
-    "get_report": "rnn_sparsify.sparsify",
 }
 
 __all__ = [
@@ -34,6 +35,10 @@ __all__ = [
     "SparseLSTM",
     "SparseLSTMCell",
     "config_from_dict",
+    "sparsify",
+    "inspect_model",
+    "get_report",
+    "SparsifyReport",
     *_LAZY,
 ]
 

@@ -73,6 +73,17 @@ def _dispatch(configs: tuple) -> _Configs:
     return _Configs(**slots)
 
 
+def _require_config(configs: tuple) -> None:
+    """``sparsify`` changes nothing sparse without a config: refuse, as ``torchao.quantize_`` does."""
+    if not configs:
+        raise TypeError(
+            "sparsify: no config given, so nothing would become sparse. Pass at least one of "
+            "StructuredDropout(p_input, p_recurrent), GateGradientSparsity.coarse()/.fine()/.meprop(), "
+            "WeightSparsity.gradual(total_steps, ...)/.dst(...), e.g. sparsify(model, StructuredDropout(0.25, 0.25)); "
+            "to see what sparsify would find without changing anything, call inspect_model(model) "
+            "or run `rnn-sparsify inspect file.py:factory`")
+
+
 # ---------------------------------------------------------------------------------------
 # FLOPs
 def _gate_keep(gs: Optional[GateGradientSparsity], hidden: int, batch: int) -> float:
@@ -194,6 +205,7 @@ class SparsifyReport:
     graph_rewrites: dict[str, list[str]]
     untraceable: dict[str, str]
     dropouts: list[dict]
+    details: dict[str, str] = field(default_factory=dict)  # module -> raw error text (``--verbose``)
     applied: bool = True
 
     def __getitem__(self, fqn: str) -> LSTMEntry:
@@ -239,6 +251,7 @@ class SparsifyReport:
             "graph_rewrites": self.graph_rewrites,
             "untraceable": self.untraceable,
             "dropouts": self.dropouts,
+            "details": self.details,
         }
         if batch_size is not None and seq_len is not None:
             d["flops"] = self.flops(batch_size, seq_len)
@@ -259,7 +272,7 @@ class SparsifyReport:
         widths = [min(max(len(r[k]) for r in rows), 40) for k in range(4)]
         lines = []
         for r in rows:
-            cells = [r[k][:40].ljust(widths[k]) for k in range(4)]
+            cells = [r[k].ljust(widths[k]) for k in range(4)]  # never cut: a long name breaks alignment only
             lines.append("  ".join(cells + [r[4]]))
         lines.insert(1, "-" * min(len(lines[0]), 120))
         if self.configs:
@@ -275,7 +288,8 @@ class SparsifyReport:
             lines.extend(format_weight_sparsity_stats(e.weight_sparsity, display_fqn(e.fqn)) for e in ws)
         for dd in self.dropouts:
             if not dd.get("fused"):
-                lines.append(f"dropout {dd['node']} not fused into {dd['target']}: {dd['reason']}")
+                at = f" ({dd['location']})" if dd.get("location") else ""
+                lines.append(f"dropout {dd['node']}{at} not fused into {dd['target']}: {dd['reason']}")
         f = self.flops(batch_size, seq_len) if batch_size and seq_len else (
             self.flops() if any(e.observed for e in self.lstms) else None)
         if f and f["per_lstm"]:
@@ -298,7 +312,7 @@ def get_report(model: nn.Module) -> SparsifyReport:
 
 
 # ---------------------------------------------------------------------------------------
-def _observe(model: nn.Module, example_inputs) -> dict[int, dict]:
+def _observe(model: nn.Module, example_inputs, example_kwargs=None) -> dict[int, dict]:
     """Calls and tokens (rows of one time step) of every module on ``example_inputs``."""
     from torch.nn.utils.rnn import PackedSequence
 
@@ -327,11 +341,11 @@ def _observe(model: nn.Module, example_inputs) -> dict[int, dict]:
     inside = {id(sub) for m in scripted for sub in m.modules()}
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if id(m) not in inside]
     modes = {m: m.training for m in model.modules()}
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = () if example_inputs is None else example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         model.eval()
         with torch.no_grad():
-            model(*inputs)
+            model(*inputs, **(example_kwargs or {}))
     except Exception as e:
         raise ValueError(f"sparsify: example_inputs do not run through the model: {type(e).__name__}: {e}") from e
     finally:
@@ -373,7 +387,7 @@ def _set_path(root: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: bool):
+def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: bool, example_kwargs=None):
     from rnn_sparsify.kernels import select_backend
     from rnn_sparsify.passes.find_lstm import display_fqn, find_lstms
     from rnn_sparsify.passes.fuse_dropout import find_dropout_feeds, fuse_dropout
@@ -386,7 +400,8 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
         raise TypeError("sparsify: filter_fn must be callable as filter_fn(module, fqn) -> bool")
     cfg = _dispatch(configs)
     work = _copy_model(model)
-    observed = _observe(work, example_inputs) if example_inputs is not None else {}
+    observed = (_observe(work, example_inputs, example_kwargs)
+                if example_inputs is not None or example_kwargs is not None else {})
     tr = trace_degrading(work)
     sites = find_lstms(work, tr)
     sd, gs = cfg.structured_dropout, cfg.gate_sparsity
@@ -536,10 +551,14 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
             else:
                 e.reason += "; weight sparsity not attached (it applies to nn.LSTM/nn.LSTMCell modules)"
 
+    from rnn_sparsify.passes.fuse_dropout import untraced_dropouts  # next to LSTMs in untraceable code
+
+    dropouts += untraced_dropouts(work, tr.opaque, [e.fqn for e in entries if e.handling == MODULE_SWAP])
     report = SparsifyReport(
         lstms=entries, configs=cfg.to_list(), graph_rewrites=graph_rewrites,
         untraceable={k: v for k, v in tr.opaque.items()}, dropouts=dropouts, applied=applied,
     )
+    report.details.update((display_fqn(k), v) for k, v in tr.details.items())
     return work, report
 
 
@@ -557,30 +576,33 @@ def sparsify(
     *configs,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     example_inputs=None,
+    example_kwargs: Optional[dict] = None,
 ) -> nn.Module:
     """A sparse copy of ``model``; ``model`` itself is never modified.
 
     Args:
         model: any ``nn.Module`` (or an ``nn.LSTM`` itself).
-        *configs: at most one each of :class:`~rnn_sparsify.StructuredDropout`,
-            :class:`~rnn_sparsify.GateGradientSparsity`, ``WeightSparsity``. With none, LSTMs
-            are still replaced (and run dense until a config is set on them).
+        *configs: at least one, at most one each, of :class:`~rnn_sparsify.StructuredDropout`,
+            :class:`~rnn_sparsify.GateGradientSparsity`, ``WeightSparsity`` (with none,
+            ``TypeError``: use :func:`inspect_model` to look without changing anything).
         filter_fn: ``filter_fn(module, fqn) -> bool`` chooses the targets (the LSTM module,
             or for a hand-written cell the module that holds it); others are reported as
             skipped.
         example_inputs: a tuple of inputs (or one tensor); run once in ``eval()`` under
             ``no_grad`` to record how many tokens each LSTM sees (report FLOPs).
+        example_kwargs: keyword inputs of the same call (a dict), if the forward takes any.
 
     Returns the rewritten model with its :class:`SparsifyReport` as
     ``model.rnn_sparsify_report``. ``eval()`` gives the original numbers; ``state_dict()``
     keys are the original ones (plus mask buffers with ``WeightSparsity``).
 
     Raises:
-        TypeError: unknown config type, or ``model`` is not a module.
+        TypeError: no config, an unknown config type, or ``model`` is not a module.
         ValueError: two configs of one type; ``example_inputs`` that do not run.
         NoLSTMFoundError: nothing LSTM-like in the model.
     """
-    work, report = _run(model, configs, filter_fn, example_inputs, applied=True)
+    _require_config(configs)
+    work, report = _run(model, configs, filter_fn, example_inputs, applied=True, example_kwargs=example_kwargs)
     setattr(work, REPORT_ATTR, report)
     return work
 
@@ -590,7 +612,9 @@ def inspect_model(
     *configs,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     example_inputs=None,
+    example_kwargs: Optional[dict] = None,
 ) -> SparsifyReport:
-    """The report :func:`sparsify` would attach, leaving ``model`` untouched (dry run)."""
-    _, report = _run(model, configs, filter_fn, example_inputs, applied=False)
+    """The report :func:`sparsify` would attach, leaving ``model`` untouched (dry run; configs
+    are optional here)."""
+    _, report = _run(model, configs, filter_fn, example_inputs, applied=False, example_kwargs=example_kwargs)
     return report

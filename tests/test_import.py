@@ -19,3 +19,13 @@ def test_one_namespace():
 
     assert rnn_sparsify.passes.__name__ == "rnn_sparsify.passes"
     assert rnn_sparsify.codegen.__name__ == "rnn_sparsify.codegen"
+
+
+def test_sparsify_is_the_function_whatever_was_imported_first():
+    code = (
+        "import rnn_sparsify.sparsify, rnn_sparsify.passes.rewrite;"
+        "from rnn_sparsify import inspect_model, sparsify;"
+        "print(callable(sparsify), type(sparsify).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "function"]

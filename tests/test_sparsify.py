@@ -149,9 +149,9 @@ def test_config_dispatch_errors():
     with pytest.raises(ValueError, match="two StructuredDropout"):
         sparsify(m, StructuredDropout(0.1), StructuredDropout(0.2))
     with pytest.raises(NoLSTMFoundError):
-        sparsify(case("packed_unsorted").factory()[0].out)  # a Linear
+        sparsify(case("packed_unsorted").factory()[0].out, StructuredDropout(0.1))  # a Linear
     with pytest.raises(ValueError, match="example_inputs do not run"):
-        sparsify(m, example_inputs=(torch.randn(2, 2),))
+        sparsify(m, StructuredDropout(0.1), example_inputs=(torch.randn(2, 2),))
 
 
 def test_filter_fn_and_bad_hidden_size_are_reported():

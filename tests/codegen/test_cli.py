@@ -9,7 +9,7 @@ from rnn_sparsify.codegen import cli
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="rnn-sparsify")
+    p = argparse.ArgumentParser(prog="rnn-sparsify", exit_on_error=False)
     sub = p.add_subparsers(dest="command", required=True)
     cli.register(sub)
     return p
@@ -25,13 +25,13 @@ def test_parse_compile_and_gate_spec():
     a = _parser().parse_args(["compile", "-o", "b", "--arch", "sm_80", "--arch", "sm_90", "--input-size", "8",
                               "--hidden-size", "8", "--batch", "2", "--seq-len", "3", "--gate", "coarse:P=4,R=8,S=2"])
     assert a.arch == ["sm_80", "sm_90"] and a.func is cli.cmd_compile
-    assert cli._gate(a.gate) == {"kind": "gate_gradient_sparsity", "mode": "coarse", "P": 4, "R": 8, "S": 2}
+    assert a.gate == {"kind": "gate_gradient_sparsity", "mode": "coarse", "P": 4, "R": 8, "S": 2}
     assert cli._gate("meprop:keep=0.3")["keep"] == 0.3
 
 
 def test_compile_without_spec_exits_2(capsys):
     rc = cli.main(["compile", "-o", "b", "--arch", "sm_90", "--batch", "2", "--seq-len", "3"])
-    assert rc == 1 and "--input-size" in capsys.readouterr().err
+    assert rc == 2 and "--input-size" in capsys.readouterr().err
 
 
 def test_bad_arch_exit_code(tmp_path, capsys):
@@ -57,5 +57,6 @@ def test_bench_without_gpu_is_a_clear_error(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
+    (tmp_path / "manifest.json").write_text("{}")  # the bundle is checked first, then the GPU
     rc = cli.main(["bench", "--bundle", str(tmp_path), "--out", str(tmp_path / "b.md")])
-    assert rc != 0 and "GPU" in capsys.readouterr().err
+    assert rc == 8 and "GPU" in capsys.readouterr().err

@@ -53,7 +53,10 @@ def test_untraceable_child_becomes_a_leaf_of_its_traced_parent():
     tr = trace_degrading(Parent())
     assert set(tr.graphs) == {"", "bad.lin"}  # the opaque child's own children are traced alone
     assert tr.graphs[""].leaves == ["bad"]
-    assert "TraceError" in tr.opaque["bad"] or "symbolically traced" in tr.opaque["bad"]
+    assert "TraceError" in tr.details["bad"] or "symbolically traced" in tr.details["bad"]
+    # the reason is in the user's terms: the construct, the file and line, what to do
+    assert "control flow" in tr.opaque["bad"] and "test_trace.py:18 `if x.sum() > 0:" in tr.opaque["bad"]
+    assert "Traced" not in tr.opaque["bad"] and "torch.where" in tr.opaque["bad"]
     assert tr.leaves["lstm"] == "" and tr.leaves["bad"] == ""
     assert tr.inlined["good"] == "" and tr.inlined["good.0"] == ""
     assert tr.graphs[""].mode_independent
@@ -62,13 +65,15 @@ def test_untraceable_child_becomes_a_leaf_of_its_traced_parent():
 def test_untraceable_root_keeps_traced_children():
     m, _ = case("cell_ifgo_linear_chunk").factory()
     tr = trace_degrading(m)
-    assert "" in tr.opaque and "Proxy" in tr.opaque[""]
+    assert "" in tr.opaque and "Proxy" in tr.details[""] and "Proxy" not in tr.opaque[""]
+    assert "cases.py:" in tr.opaque[""] and "module swap" in tr.opaque[""]
     assert set(tr.graphs) == {"cell", "head"}
 
 
 def test_never_raises_and_reports_every_failure():
     tr = trace_degrading(nn.Sequential(Raises(), nn.LSTM(2, 2)))
-    assert tr.opaque["0"].startswith("KeyError")
+    assert tr.details["0"].startswith("KeyError")
+    assert "test_trace.py:38 `raise KeyError" in tr.opaque["0"]
     assert "" in tr.graphs  # Sequential traces with the failing child as a leaf
 
 
