@@ -20,7 +20,9 @@ Three mechanisms, all keeping the user's classes, parameter names and ``state_di
   rearranged into PyTorch's ``(i, f, g, o)`` layout (cells without normalisation), or, for
   normalised cells, the original subgraph with structured dropout applied as gather-K (only
   the kept columns of ``x``/``h`` and of the weights enter the GEMMs).
-* :func:`swap_lstm` replaces ``nn.LSTM``/``nn.LSTMCell`` by ``SparseLSTM``/``SparseLSTMCell``.
+* :func:`swap_lstm` re-classes an ``nn.LSTM``/``nn.LSTMCell`` in place as
+  ``SparseLSTM``/``SparseLSTMCell`` (same object: hooks, attributes, tied weights,
+  ``requires_grad`` and every other reference to it are kept).
   A user *subclass* keeps its own ``forward``: its class becomes
   ``type("Sparse<Name>", (UserClass, SparseLSTM))`` whose MRO is
   ``Sparse<Name> -> UserClass -> SparseLSTM -> SparseMixin -> nn.LSTM``, so the user's
@@ -178,19 +180,27 @@ def base_forward_problem(cls: type) -> Optional[str]:
 
 def swap_lstm(m: nn.Module, structured_dropout: Optional[StructuredDropout],
               gate_sparsity: Optional[GateGradientSparsity]) -> nn.Module:
-    """The sparse replacement of ``m`` (a new module for nn.LSTM/LSTMCell; ``m`` itself,
-    re-classed, for a user subclass). Raises ValueError if a config does not fit ``m``."""
-    if type(m) is nn.LSTM:
-        return SparseLSTM.from_dense(m, structured_dropout, gate_sparsity)
-    if type(m) is nn.LSTMCell:
-        return SparseLSTMCell.from_dense(m, structured_dropout, gate_sparsity)
+    """Make ``m`` sparse *in place* and return it: its class becomes ``SparseLSTM`` /
+    ``SparseLSTMCell`` (or, for a user subclass, ``Sparse<Name>``, see the module docstring).
+
+    The object stays the same, so everything the user attached to it is kept: parameters
+    (with their ``requires_grad``), hooks, custom attributes, weights tied to other modules,
+    every other reference to it (a plain Python list, another attribute). Only the configs
+    are added (and ``dropout`` is set to 0 when ``structured_dropout.p_input > 0`` replaces
+    it, as :meth:`SparseLSTM.from_dense` does). Raises ValueError if a config does not fit.
+    """
     if isinstance(m, SparseMixin):
         raise ValueError(f"{type(m).__name__} is already sparse")
     is_lstm = isinstance(m, nn.LSTM)
     check_configs(structured_dropout, gate_sparsity, m.hidden_size, type(m).__name__)
     if is_lstm and structured_dropout is not None and structured_dropout.p_input > 0:
         m.dropout = 0.0  # NR dropout replaces the inter-layer dropout (as SparseLSTM.from_dense)
-    m.__class__ = dynamic_class(type(m), "lstm" if is_lstm else "cell")
+    if type(m) is nn.LSTM:
+        m.__class__ = SparseLSTM
+    elif type(m) is nn.LSTMCell:
+        m.__class__ = SparseLSTMCell
+    else:
+        m.__class__ = dynamic_class(type(m), "lstm" if is_lstm else "cell")
     m._init_sparse(structured_dropout, gate_sparsity)
     return m
 

@@ -43,6 +43,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import gate_selection as gs
 from .config import GateGradientSparsity, kept_count
 from .kernels import select_backend
+from .input_checks import check_lstm_cell_args, check_lstm_sequence
 
 
 @dataclass
@@ -337,6 +338,7 @@ def sparse_lstm_forward(mod, input, hx=None):
         if mod.batch_first:
             x = x.transpose(0, 1)
 
+    check_lstm_sequence(x)  # nn.LSTM's own error for an empty sequence
     T, B = x.shape[0], x.shape[1]
     D = 2 if mod.bidirectional else 1
     Hout = mod.proj_size if mod.proj_size > 0 else mod.hidden_size
@@ -399,6 +401,7 @@ def sparse_lstm_forward(mod, input, hx=None):
 
 def sparse_lstm_cell_forward(mod, input: Tensor, hx=None):
     """``nn.LSTMCell.forward`` semantics: one step of the layer Function (T = 1)."""
+    check_lstm_cell_args(mod, input, hx)  # nn.LSTMCell's own errors and messages
     if input.dim() not in (1, 2):
         raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
     if hx is not None and (hx[0].dim() not in (1, 2) or hx[1].dim() not in (1, 2)):

@@ -367,12 +367,6 @@ def _copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _set_path(root: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, name = fqn.rpartition(".")
-    parent = root.get_submodule(parent_name)
-    setattr(parent, name, new)
-
-
 def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: bool):
     from rnn_sparsify.kernels import select_backend
     from rnn_sparsify.passes.find_lstm import display_fqn, find_lstms
@@ -427,7 +421,7 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
                     continue
             e.handling = MODULE_SWAP
             if type(s.module) in (nn.LSTM, nn.LSTMCell):
-                what = f"replaced by Sparse{type(s.module).__name__}"
+                what = f"re-classed as Sparse{type(s.module).__name__} in place"
             else:
                 base = "SparseLSTM" if isinstance(s.module, nn.LSTM) else "SparseLSTMCell"
                 name = type(s.module).__name__
@@ -513,14 +507,8 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
             region.configure(e._sd, e._gs)
             w = next(iter(s.module.parameters()), None)
         elif e.handling == MODULE_SWAP:
-            new = swap_lstm(s.module, e._sd, e._gs)
-            for path in [s.fqn] + s.aliases:
-                if path == "":
-                    work = new
-                else:
-                    _set_path(work, path, new)
-            s.module = new
-            w = next(iter(new.parameters()), None)
+            swap_lstm(s.module, e._sd, e._gs)  # in place: every reference sees the sparse module
+            w = next(iter(s.module.parameters()), None)
         else:
             continue
         e.configs = [c.to_dict() for c in (e._sd, e._gs) if c is not None]

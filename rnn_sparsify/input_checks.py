@@ -1,0 +1,51 @@
+"""Input checks of the sparse training path that mirror ``nn.LSTM`` / ``nn.LSTMCell`` exactly.
+
+The sparse autograd Functions would accept (or fail cryptically on) inputs that PyTorch's own
+modules refuse. These helpers raise the same exception type with the same message as the
+dense module, so a model behaves the same in training and in ``eval()``:
+
+* :func:`check_lstm_cell_args` runs ``_VF.lstm_cell`` on *meta* tensors of the same shapes
+  and dtypes: PyTorch's own C++ checks (``input has inconsistent input_size``, ``Input batch
+  size 2 doesn't match hidden0 batch size 3``, ...) fire with their own messages, and no
+  arithmetic is done.
+* :func:`check_lstm_sequence` refuses a sequence of length 0 as ``_VF.lstm`` does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_lstm_cell_args", "check_lstm_sequence"]
+
+
+def _meta(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else torch.empty_like(t, device="meta")
+
+
+def check_lstm_cell_args(mod, input: Tensor, hx=None) -> None:
+    """``nn.LSTMCell.forward``'s checks on ``input`` (1-D or 2-D) and ``hx`` (or None)."""
+    if input.dim() not in (1, 2):
+        raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    if hx is not None:
+        for idx, value in enumerate(hx):
+            if value.dim() not in (1, 2):
+                raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+    x = input if input.dim() == 2 else input.unsqueeze(0)
+    if hx is None:
+        h = torch.empty(x.shape[0], mod.hidden_size, dtype=x.dtype, device="meta")
+        hx = (h, h)
+    elif input.dim() == 1:
+        hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+    b_ih = mod.bias_ih if mod.bias else None
+    b_hh = mod.bias_hh if mod.bias else None
+    with torch.no_grad():
+        torch._VF.lstm_cell(_meta(x), (_meta(hx[0]), _meta(hx[1])), _meta(mod.weight_ih), _meta(mod.weight_hh),
+                            _meta(b_ih), _meta(b_hh))
+
+
+def check_lstm_sequence(x: Tensor) -> None:
+    """``nn.LSTM``'s check on a (time-major) padded input ``x``: at least one time step."""
+    if x.shape[0] == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
