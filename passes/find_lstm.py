@@ -14,6 +14,8 @@ sparse, a subclass whose forward bypasses ``super().forward``).
 """
 from __future__ import annotations
 
+import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -25,7 +27,7 @@ from .match_cell import CellMatch, match_lstm_cells
 from .rewrite import base_forward_problem
 from .trace import TraceResult, is_lstm_like, is_scripted
 
-__all__ = ["LSTMSite", "find_lstms", "module_shapes", "display_fqn"]
+__all__ = ["LSTMSite", "find_lstms", "module_shapes", "display_fqn", "explicit_base_calls"]
 
 
 def display_fqn(fqn: str) -> str:
@@ -70,6 +72,35 @@ def _join(a: str, b: str) -> str:
     return f"{a}.{b}" if a and b else (a or b)
 
 
+_EXPLICIT_BASE = re.compile(r"\b((?:nn\.)?(?:LSTM|LSTMCell|RNNBase|RNNCellBase)\.forward)\(\s*\w+\.(\w+)\b")
+
+
+def explicit_base_calls(model: nn.Module) -> dict[int, str]:
+    """LSTMs that some module's code runs as ``nn.LSTM.forward(self.<name>, ...)``: id -> reason.
+
+    Such a call names ``nn.LSTM.forward`` itself, so it runs the dense code whatever the
+    module's class is; no swap can reach it (it is not intercepted: doing so would mean
+    patching ``nn.LSTM.forward`` or ``torch._VF`` for every LSTM in the process). These
+    LSTMs are skipped with this reason instead of being reported as sparse.
+    """
+    out: dict[int, str] = {}
+    for fqn, m in model.named_modules():
+        cls = getattr(type(m), "_rnn_sparsify_base", type(m))
+        if cls.__module__.startswith("torch."):
+            continue
+        try:
+            src = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        for call, name in _EXPLICIT_BASE.findall(src):
+            sub = m._modules.get(name)
+            if isinstance(sub, (nn.LSTM, nn.LSTMCell)) and id(sub) not in out:
+                out[id(sub)] = (f"{display_fqn(fqn)} ({cls.__name__}) runs it as {call}(self.{name}, ...), which "
+                                f"calls the dense implementation by name and bypasses the sparse one; "
+                                f"call self.{name}(...) instead")
+    return out
+
+
 def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
     sites: list[LSTMSite] = []
     names: dict[int, list[str]] = {}
@@ -77,6 +108,7 @@ def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
         names.setdefault(id(m), []).append(fqn)
     seen: set[int] = set()
     scripted_done: list[str] = []
+    explicit = explicit_base_calls(model)
     for fqn, m in model.named_modules():
         if any(fqn == s or fqn.startswith(s + ".") for s in scripted_done):
             continue
@@ -99,6 +131,8 @@ def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
         refusal = None
         if isinstance(m, SparseMixin):
             refusal = f"already sparse ({type(m).__name__}); call to_dense() before sparsify again"
+        elif id(m) in explicit:
+            refusal = explicit[id(m)]
         elif type(m) not in (nn.LSTM, nn.LSTMCell):
             refusal = base_forward_problem(type(m))
         g = tr.graph_of(fqn)

@@ -321,8 +321,9 @@ def _observe(model: nn.Module, example_inputs) -> dict[int, dict]:
         rec["tokens"] += tokens
         rec["batch"] = max(rec["batch"], batch)
 
-    from rnn_sparsify.passes.trace import is_scripted
+    from rnn_sparsify.passes.trace import PythonState, is_scripted
 
+    state = PythonState(model)  # the run must not leave a trace (self.calls += 1, buffers)
     scripted = [m for m in model.modules() if is_scripted(m)]
     inside = {id(sub) for m in scripted for sub in m.modules()}
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if id(m) not in inside]
@@ -339,6 +340,7 @@ def _observe(model: nn.Module, example_inputs) -> dict[int, dict]:
             h.remove()
         for m, t in modes.items():
             m.training = t
+        state.restore()
     return seen
 
 
@@ -442,6 +444,12 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
                 swapped[a] = by_site[id(s)]
     graph_rewrites: dict[str, list[str]] = {}
     dropouts: list[dict] = []
+    calls: dict[int, int] = {}  # id(module) -> call_module nodes calling it, over every graph
+    for tg in tr.graphs.values():
+        for n in tg.gm.graph.nodes:
+            if n.op == "call_module":
+                mod = tg.gm.get_submodule(n.target)
+                calls[id(mod)] = calls.get(id(mod), 0) + 1
     for gfqn, tg in tr.graphs.items():
         owner = work.get_submodule(gfqn)
         cells = [(s, by_site[id(s)]) for s in sites
@@ -487,6 +495,9 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
             elif not tg.mode_independent:
                 dropouts.append({**f.to_dict(), "target": f.target.name, "fused": False, "graph": display_fqn(gfqn),
                                  "reason": f"graph rewrite refused: {tg.mode_reason}"})
+            elif f.target.target not in targets and (_shared_reason(tg.gm, f.target, calls) is not None):
+                dropouts.append({**f.to_dict(), "target": f.target.name, "fused": False, "graph": display_fqn(gfqn),
+                                 "reason": _shared_reason(tg.gm, f.target, calls)})
             else:
                 p_in = sd.p_input if sd.p_input > 0 else f.p
                 e._sd = StructuredDropout(p_input=p_in, p_recurrent=sd.p_recurrent)
@@ -531,6 +542,25 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
     return work, report
 
 
+def _rng_preserved(model):
+    """The global torch RNG state (CPU and the CUDA devices of ``model``) is the same after
+    ``sparsify`` as before: running ``example_inputs`` or a factory may draw from it, and a
+    user's seeded run must not depend on whether it was sparsified."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda}) if isinstance(
+        model, nn.Module) else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def _shared_reason(gm, node, calls: dict[int, int]) -> Optional[str]:
+    """Why a dropout cannot be fused into the LSTM that ``node`` calls (None if it can):
+    the fused dropout becomes the module's config, so it would apply to every call."""
+    n = calls.get(id(gm.get_submodule(node.target)), 0)
+    if n > 1:
+        return (f"the LSTM is called {n} times; fusing would apply this dropout to every call "
+                "(it is kept as written)")
+    return None
+
+
 def _is_lstm_call(gm, node) -> bool:
     from rnn_sparsify.passes.trace import is_lstm_like
 
@@ -568,7 +598,8 @@ def sparsify(
         ValueError: two configs of one type; ``example_inputs`` that do not run.
         NoLSTMFoundError: nothing LSTM-like in the model.
     """
-    work, report = _run(model, configs, filter_fn, example_inputs, applied=True)
+    with _rng_preserved(model):
+        work, report = _run(model, configs, filter_fn, example_inputs, applied=True)
     setattr(work, REPORT_ATTR, report)
     return work
 
@@ -580,5 +611,6 @@ def inspect_model(
     example_inputs=None,
 ) -> SparsifyReport:
     """The report :func:`sparsify` would attach, leaving ``model`` untouched (dry run)."""
-    _, report = _run(model, configs, filter_fn, example_inputs, applied=False)
+    with _rng_preserved(model):
+        _, report = _run(model, configs, filter_fn, example_inputs, applied=False)
     return report
