@@ -25,7 +25,7 @@ from rnn_sparsify.modules import SparseMixin
 
 from .match_cell import CellMatch, match_lstm_cells
 from .rewrite import base_forward_problem
-from .trace import TraceResult, is_lstm_like, is_scripted
+from .trace import TraceResult, is_lstm_like, is_scripted, is_sparse_region
 
 __all__ = ["LSTMSite", "find_lstms", "module_shapes", "display_fqn", "explicit_base_calls"]
 
@@ -122,6 +122,15 @@ def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
                 why += f" (contains LSTMs at {', '.join(inner)})"
             sites.append(LSTMSite(fqn, kind, {}, _location(tr, fqn), module=m, refusal=why))
             scripted_done.append(fqn)
+            continue
+        if is_sparse_region(m) and id(m) not in seen:
+            seen.add(id(m))
+            shapes = {"input_size": m.input_size, "hidden_size": m.hidden_size, "gate_order": m.gate_order}
+            sites.append(LSTMSite(
+                fqn, "hand-written cell (already sparse)", shapes, _location(tr, fqn), module=m,
+                refusal=(f"already sparse: rewritten by an earlier sparsify ({m.extra_repr()}); "
+                         "sparsify the original model again instead"),
+            ))
             continue
         if not is_lstm_like(m) or id(m) in seen:
             continue

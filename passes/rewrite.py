@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import operator
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -58,6 +59,8 @@ __all__ = [
     "install_graph_forward",
     "dynamic_class",
     "base_forward_problem",
+    "ForwardGuard",
+    "guard_for",
 ]
 
 
@@ -76,11 +79,112 @@ class _Rebuildable:
         return dict(super().__getstate__())  # RNNBase drops its weakrefs here
 
 
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class ForwardGuard:
+    """What a traced graph assumed, checked on every call of the installed forward.
+
+    * ``params``: the forward's parameters, traced as given and not None (fx traces every
+      argument as a tensor, so ``if hx is None:`` took the "given" branch). ``()`` when the
+      forward takes ``*args``/``**kwargs`` (then only the attributes are checked).
+    * ``attrs``: ``(module path relative to the owner, attribute, value)`` of every plain
+      (bool/int/float/str/None) attribute of the owner and of the modules inlined into its
+      graph, as they were when traced: a ``use_head`` flag read by an ``if`` was baked in.
+    * ``fused``: ``(module path, StructuredDropout without the fused dropout)`` of LSTMs that
+      took over a dropout of this graph; the original forward runs that dropout itself.
+
+    When a check fails the original forward runs instead (a one-time warning says why): the
+    same numbers as the original model, only the graph's rewrites (hand-written cells on the
+    sparse path, dropout fusion) are lost for that call.
+    """
+
+    params: tuple[str, ...]
+    attrs: tuple[tuple[str, str, Any], ...]
+    fused: tuple[tuple[str, Any], ...] = ()
+
+    def check(self, owner: nn.Module, args: tuple, kwargs: dict) -> Optional[str]:
+        if self.params:
+            if len(args) > len(self.params):
+                return f"called with {len(args)} positional arguments, traced with {len(self.params)}"
+            given = dict(zip(self.params, args))
+            given.update(kwargs)
+            for name in self.params:
+                if given.get(name) is None:
+                    how = "None" if name in given else "not given"
+                    return f"argument {name!r} is {how} (the graph was traced with it given)"
+            if len(given) != len(self.params):
+                extra = sorted(set(given) - set(self.params))
+                return f"unexpected keyword arguments {extra}"
+        for path, attr, value in self.attrs:
+            mod = owner.get_submodule(path) if path else owner
+            cur = mod.__dict__.get(attr, _MISSING)
+            if not (cur is value or (type(cur) is type(value) and cur == value)):
+                where = f"{path}.{attr}" if path else attr
+                now = "deleted" if cur is _MISSING else repr(cur)
+                return f"attribute {where} is {now}, it was {value!r} when the forward was traced"
+        return None
+
+    def describe(self) -> str:
+        what = []
+        if self.params:
+            what.append("an argument is None or omitted")
+        if self.attrs:
+            what.append(f"one of {len(self.attrs)} plain attributes changes")
+        return "guarded: runs the original forward if " + " or ".join(what) if what else "unguarded"
+
+
+# attributes the sparse modules update themselves while running (not the user's state)
+_RUNTIME_ATTRS = frozenset({"last_path", "last_backend", "gate_sparsity_enabled", "force_sparse_path", "record_plans"})
+
+
+def guard_for(module: nn.Module, graph: fx.Graph, covered: list[str], fused: tuple = ()) -> ForwardGuard:
+    """The :class:`ForwardGuard` of ``graph`` traced from ``module``; ``covered`` are the
+    paths (relative to ``module``) of the submodules whose code the graph inlines or calls,
+    ``fused`` the ``(path, StructuredDropout)`` of LSTMs that took over one of its dropouts."""
+    params = tuple(n.target for n in graph.nodes if n.op == "placeholder")
+    if any(p.startswith("*") for p in params):
+        params = ()
+    attrs = []
+    for path in dict.fromkeys([""] + list(covered)):
+        mod = module.get_submodule(path) if path else module
+        for k, v in vars(mod).items():
+            if k.startswith("_") or k == "training" or k in _RUNTIME_ATTRS:
+                continue
+            if isinstance(v, (bool, int, float, str, type(None))):
+                attrs.append((path, k, v))
+    return ForwardGuard(params, tuple(attrs), tuple(fused))
+
+
 class _GraphForward(_Rebuildable):
-    """``forward`` is the code of a rewritten fx graph, compiled per instance."""
+    """``forward`` is the code of a rewritten fx graph, compiled per instance, behind its
+    :class:`ForwardGuard` (the original forward runs when the guard fails)."""
 
     def forward(self, *args, **kwargs):
+        guard = self.__dict__.get("_rnn_sparsify_guard")
+        if guard is not None:
+            why = guard.check(self, args, kwargs)
+            if why is not None:
+                return self._rnn_sparsify_original_forward(why, guard, args, kwargs)
         return self.__dict__["_rnn_sparsify_fwd"](self, *args, **kwargs)
+
+    def _rnn_sparsify_original_forward(self, why: str, guard: ForwardGuard, args, kwargs):
+        if not self.__dict__.get("_rnn_sparsify_warned"):
+            self.__dict__["_rnn_sparsify_warned"] = True
+            warnings.warn(f"rnn_sparsify: {type(self).__name__}: {why}; running its original forward "
+                          "(its rewrites, hand-written cells on the sparse path and fused dropouts, do not apply "
+                          "to such calls)", stacklevel=3)
+        saved = []
+        try:
+            for path, sd in guard.fused:
+                mod = self.get_submodule(path)
+                saved.append((mod, mod.structured_dropout))
+                mod.structured_dropout = sd
+            return self._rnn_sparsify_base.forward(self, *args, **kwargs)
+        finally:
+            for mod, sd in saved:
+                mod.structured_dropout = sd
 
     def __getstate__(self):
         state = dict(super().__getstate__())
@@ -135,8 +239,9 @@ def dynamic_class(base: type, kind: str) -> type:
                               "_rnn_sparsify_base": base, "_rnn_sparsify_kind": kind})
 
 
-def install_graph_forward(module: nn.Module, graph: fx.Graph) -> nn.Module:
-    """Make ``graph`` (traced from ``module``) the forward of ``module``, in place.
+def install_graph_forward(module: nn.Module, graph: fx.Graph, guard: Optional[ForwardGuard] = None) -> nn.Module:
+    """Make ``graph`` (traced from ``module``) the forward of ``module``, in place, behind
+    ``guard`` (see :class:`ForwardGuard`; None: unguarded).
 
     The graph's code reads ``self.<submodule>`` / ``self.<param>`` on ``module`` at every
     call, so later module swaps, ``.to()`` and ``load_state_dict`` are seen.
@@ -150,6 +255,7 @@ def install_graph_forward(module: nn.Module, graph: fx.Graph) -> nn.Module:
     module.__dict__["_rnn_sparsify_globals"] = dict(code.globals)
     module.__dict__.pop("_rnn_sparsify_import_block", None)
     module.__dict__["_rnn_sparsify_fwd"] = _compile(code.src, code.globals)
+    module.__dict__["_rnn_sparsify_guard"] = guard
     return module
 
 
@@ -237,7 +343,19 @@ class SparseCellRegion(nn.Module):
         self.canonical = canonical
         self.structured_dropout: Optional[StructuredDropout] = None
         self.gate_sparsity: Optional[GateGradientSparsity] = None
+        self.gate_sparsity_enabled = True
         self.last_path: Optional[str] = None
+
+    _rnn_sparsify_leaf = True  # traced as one call (never re-matched as a hand-written cell)
+
+    def set_gate_sparsity_phase(self, sparse: bool) -> None:
+        """Dense/sparse phase switch for gate-gradient sparsity (``DenseAfterSparse``)."""
+        self.gate_sparsity_enabled = bool(sparse)
+
+    @property
+    def active_gate_sparsity(self) -> Optional[GateGradientSparsity]:
+        on = self.__dict__.get("gate_sparsity_enabled", True)
+        return self.gate_sparsity if (self.gate_sparsity is not None and on) else None
 
     def configure(self, structured_dropout, gate_sparsity) -> None:
         if gate_sparsity is not None and self.canonical is None:
@@ -258,7 +376,7 @@ class SparseCellRegion(nn.Module):
 
     def _wants_sparse_path(self) -> bool:
         sd = self.structured_dropout
-        return self.training and ((sd is not None and sd.active) or self.gate_sparsity is not None)
+        return self.training and ((sd is not None and sd.active) or self.active_gate_sparsity is not None)
 
     def forward(self, x, h, c, *params):
         if not self._wants_sparse_path():
@@ -317,7 +435,7 @@ class SparseCellRegion(nn.Module):
     def _as_lstm_cell(self, x, h, c, params):
         p = self.lstm_cell_params(params)
         cell = self._template("bias_ih" in p)
-        cell.structured_dropout, cell.gate_sparsity = self.structured_dropout, self.gate_sparsity
+        cell.structured_dropout, cell.gate_sparsity = self.structured_dropout, self.active_gate_sparsity
         cell.train(self.training)
         lead = x.shape[:-1]
         x2, h2, c2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), c.reshape(-1, c.shape[-1])

@@ -40,6 +40,7 @@ __all__ = [
     "LeafTracer",
     "is_lstm_like",
     "is_scripted",
+    "is_sparse_region",
     "trace_module",
     "trace_degrading",
     "dynamic_dropout_flags",
@@ -59,6 +60,11 @@ def is_lstm_like(m: nn.Module) -> bool:
     return isinstance(m, LSTM_TYPES) and not is_scripted(m)
 
 
+def is_sparse_region(m: nn.Module) -> bool:
+    """A hand-written cell rewritten by an earlier ``sparsify`` (``SparseCellRegion``)."""
+    return bool(getattr(type(m), "_rnn_sparsify_leaf", False))
+
+
 class LeafTracer(fx.Tracer):
     """fx tracer with LSTM modules, TorchScript modules and ``extra_leaves`` kept as leaves."""
 
@@ -67,7 +73,7 @@ class LeafTracer(fx.Tracer):
         self.extra_leaves = extra_leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, LSTM_TYPES) or is_scripted(m) or id(m) in self.extra_leaves:
+        if isinstance(m, LSTM_TYPES) or is_scripted(m) or id(m) in self.extra_leaves or is_sparse_region(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

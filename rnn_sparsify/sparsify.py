@@ -373,7 +373,7 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
     from rnn_sparsify.kernels import select_backend
     from rnn_sparsify.passes.find_lstm import display_fqn, find_lstms
     from rnn_sparsify.passes.fuse_dropout import find_dropout_feeds, fuse_dropout
-    from rnn_sparsify.passes.rewrite import build_region, install_graph_forward, rewrite_cell, swap_lstm
+    from rnn_sparsify.passes.rewrite import build_region, guard_for, install_graph_forward, rewrite_cell, swap_lstm
     from rnn_sparsify.passes.trace import trace_degrading
 
     if not isinstance(model, nn.Module):
@@ -450,11 +450,13 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
             if n.op == "call_module":
                 mod = tg.gm.get_submodule(n.target)
                 calls[id(mod)] = calls.get(id(mod), 0) + 1
+    pending: list[tuple] = []  # graph forwards to install: (owner, graph, covered paths, fused)
     for gfqn, tg in tr.graphs.items():
         owner = work.get_submodule(gfqn)
         cells = [(s, by_site[id(s)]) for s in sites
                  if s.graph_fqn == gfqn and s.match is not None and by_site[id(s)].handling == GRAPH_REWRITE]
         changes: list[str] = []
+        fused: list[tuple[str, Any]] = []
         regions = [(s, e, build_region(tg.gm, s.match)) for s, e in cells]
         remap: dict = {}
         targets: dict[str, LSTMEntry] = {}
@@ -505,9 +507,13 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
                 dropouts.append({**f.to_dict(), "target": f.target.name, "fused": True, "graph": display_fqn(gfqn),
                                  "p_input": p_in})
                 changes.append(f"removed {f.source} (p={f.p}) before {f.target.name}: fused as NR dropout p_input={p_in}")
+                if f.target.target not in targets:
+                    fused.append((f.target.target, sd))
                 fuse_dropout(tg.gm, f)
-        if changes:
-            install_graph_forward(owner, tg.gm.graph)
+        if changes:  # installed after the swaps: the guard records the final attributes
+            prefix = f"{gfqn}." if gfqn else ""
+            covered = [k[len(prefix):] for k, v in (*tr.inlined.items(), *tr.leaves.items()) if v == gfqn]
+            pending.append((owner, tg.gm.graph, covered, tuple(fused), changes))
             graph_rewrites[gfqn] = changes
 
     # configure cell regions, swap modules ---------------------------------------------
@@ -534,6 +540,11 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
                 e.configs.append(cfg.weight_sparsity.to_dict())
             else:
                 e.reason += "; weight sparsity not attached (it applies to nn.LSTM/nn.LSTMCell modules)"
+
+    for owner, graph, covered, fused, changes in pending:
+        guard = guard_for(owner, graph, covered, fused)
+        install_graph_forward(owner, graph, guard)
+        changes.append(guard.describe())
 
     report = SparsifyReport(
         lstms=entries, configs=cfg.to_list(), graph_rewrites=graph_rewrites,
