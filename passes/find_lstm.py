@@ -116,8 +116,9 @@ def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
             inner = [n or "<self>" for n, sub in m.named_modules()
                      if getattr(sub, "original_name", "") in ("LSTM", "LSTMCell")]
             kind = "TorchScript module" + (f" (compiled {getattr(m, 'original_name', '')})" if inner == ["<self>"] else "")
-            why = ("TorchScript module: its compiled code cannot be traced or rewritten; call sparsify on the "
-                   "eager module before torch.jit.script")
+            why = ("TorchScript module: its compiled code cannot be traced or rewritten; sparsify the eager "
+                   "module instead (the sparse modules train in eager mode and cannot themselves be scripted: "
+                   "script the original model for inference)")
             if inner and inner != ["<self>"]:
                 why += f" (contains LSTMs at {', '.join(inner)})"
             sites.append(LSTMSite(fqn, kind, {}, _location(tr, fqn), module=m, refusal=why))

@@ -421,6 +421,15 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
                     e.reason = str(err)
                     e._sd = e._gs = None
                     continue
+            if cfg.weight_sparsity is not None:
+                from .weight_sparsity import check_weight_sparsity_fits
+
+                try:
+                    check_weight_sparsity_fits(s.module, cfg.weight_sparsity)
+                except ValueError as err:
+                    e.reason = f"weight sparsity does not fit this LSTM: {err}"
+                    e._sd = e._gs = None
+                    continue
             e.handling = MODULE_SWAP
             if type(s.module) in (nn.LSTM, nn.LSTMCell):
                 what = f"re-classed as Sparse{type(s.module).__name__} in place"

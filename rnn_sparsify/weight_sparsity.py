@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from .config import register_config
+from .config import normalise_scalars, register_config
 
 __all__ = [
     "WeightSparsity",
@@ -276,6 +276,8 @@ class WeightSparsity:
 
     # -- validation -----------------------------------------------------------------------
     def __post_init__(self) -> None:
+        normalise_scalars(self, ("total_steps", "target_sparsity", "seed", "start_itr", "ramp_itr", "end_itr", "freq",
+                                 "theta", "phi", "q_percentile", "steps_per_epoch", "update_every", "prune_rate"))
         c = "WeightSparsity"
         if self.method not in _METHODS:
             raise ValueError(f"{c}.method must be one of {_METHODS}, got {self.method!r}")
@@ -624,6 +626,19 @@ def _apply_masks_to_weights(module: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------
 # attach / detach
 # ---------------------------------------------------------------------------------------
+def check_weight_sparsity_fits(module: nn.Module, config: WeightSparsity) -> list[_Matrix]:
+    """The matrices ``config`` masks in ``module``; ValueError if it selects none or its
+    ``block`` does not tile one of them."""
+    mats = [m for m in _lstm_matrices(module) if m.kind in config.weights]
+    if not mats:
+        raise ValueError(
+            f"WeightSparsity.weights={config.weights} selects no weight matrix of "
+            f"{type(module).__name__} (it has {[m.name for m in _lstm_matrices(module)]})"
+        )
+    _validate_blocks(module, mats, config)
+    return mats
+
+
 def attach_weight_sparsity(module: nn.Module, config: WeightSparsity, *, name: str = "") -> None:
     """Give an ``nn.LSTM`` / ``nn.LSTMCell`` (or ``SparseLSTM`` / ``SparseLSTMCell``) weight masks.
 
@@ -651,13 +666,7 @@ def attach_weight_sparsity(module: nn.Module, config: WeightSparsity, *, name: s
             f"{type(module).__name__} already has weight sparsity {existing}; "
             "call detach_weight_sparsity(module) before attaching another config"
         )
-    mats = [m for m in _lstm_matrices(module) if m.kind in config.weights]
-    if not mats:
-        raise ValueError(
-            f"WeightSparsity.weights={config.weights} selects no weight matrix of "
-            f"{type(module).__name__} (it has {[m.name for m in _lstm_matrices(module)]})"
-        )
-    _validate_blocks(module, mats, config)
+    mats = check_weight_sparsity_fits(module, config)
     device = getattr(module, mats[0].name).device
     for mat, bm in zip(mats, _initial_block_masks(mats, config, device, name)):
         b = _Blocks(mat, config.block, config.per_gate)
