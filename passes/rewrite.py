@@ -378,8 +378,15 @@ class SparseCellRegion(nn.Module):
         sd = self.structured_dropout
         return self.training and ((sd is not None and sd.active) or self.active_gate_sparsity is not None)
 
+    def _fits(self, x, h, c) -> bool:
+        """The shapes the sparse path assumes: ``x (..., I)``, ``h``/``c`` ``(..., H)``, one
+        leading shape. Anything else runs the original code, which raises the original's
+        error (or computes what the original computes, e.g. by broadcasting)."""
+        return (x.dim() >= 1 and x.shape[-1] == self.input_size and h.shape == c.shape
+                and h.shape[-1] == self.hidden_size and x.shape[:-1] == h.shape[:-1])
+
     def forward(self, x, h, c, *params):
-        if not self._wants_sparse_path():
+        if not self._wants_sparse_path() or not self._fits(x, h, c):
             self.last_path = "dense"
             return self.dense(x, h, c, *params)
         self.last_path = "sparse"

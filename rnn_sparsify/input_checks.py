@@ -9,6 +9,9 @@ dense module, so a model behaves the same in training and in ``eval()``:
   size 2 doesn't match hidden0 batch size 3``, ...) fire with their own messages, and no
   arithmetic is done.
 * :func:`check_lstm_sequence` refuses a sequence of length 0 as ``_VF.lstm`` does.
+* :func:`check_lstm_packed`: ``nn.LSTM`` checks a ``PackedSequence`` only inside ``_VF.lstm``
+  (its errors are those of the first GEMM); on a shape mismatch the dense forward itself is
+  run, so the error is PyTorch's, word for word.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["check_lstm_cell_args", "check_lstm_sequence"]
+__all__ = ["check_lstm_cell_args", "check_lstm_sequence", "check_lstm_packed"]
 
 
 def _meta(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -49,3 +52,18 @@ def check_lstm_sequence(x: Tensor) -> None:
     """``nn.LSTM``'s check on a (time-major) padded input ``x``: at least one time step."""
     if x.shape[0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+
+def check_lstm_packed(mod, input, hx=None) -> None:
+    """``nn.LSTM``'s errors for a ``PackedSequence`` ``input`` whose feature size, or whose
+    ``hx`` shapes, do not fit ``mod``: raised by running ``nn.LSTM.forward`` itself."""
+    data, batch_sizes = input.data, input.batch_sizes
+    bad = data.dim() != 2 or data.shape[-1] != mod.input_size
+    if hx is not None and not bad:
+        D = 2 if mod.bidirectional else 1
+        B = int(batch_sizes[0])
+        R = mod.proj_size if mod.proj_size > 0 else mod.hidden_size
+        bad = (tuple(hx[0].shape) != (mod.num_layers * D, B, R)
+               or tuple(hx[1].shape) != (mod.num_layers * D, B, mod.hidden_size))
+    if bad:
+        torch.nn.LSTM.forward(mod, input, hx)  # raises nn.LSTM's own error

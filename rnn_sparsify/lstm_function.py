@@ -43,7 +43,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import gate_selection as gs
 from .config import GateGradientSparsity, kept_count
 from .kernels import select_backend
-from .input_checks import check_lstm_cell_args, check_lstm_sequence
+from .input_checks import check_lstm_cell_args, check_lstm_packed, check_lstm_sequence
 
 
 @dataclass
@@ -305,6 +305,7 @@ def sparse_lstm_forward(mod, input, hx=None):
     sorted_indices = unsorted_indices = None
     batch_sizes = None
     if is_packed:
+        check_lstm_packed(mod, input, hx)  # nn.LSTM's own errors and messages
         data, bs_t, sorted_indices, unsorted_indices = input
         batch_sizes = [int(b) for b in bs_t]
         if hx is not None:
@@ -361,6 +362,9 @@ def sparse_lstm_forward(mod, input, hx=None):
         in_idx, in_scale = None, 1.0
         if sd is not None and sd.p_input > 0:
             in_idx, in_scale = draw_kept_units(T, layer_input.shape[-1], sd.p_input, x.device)
+        elif layer > 0 and mod.dropout > 0 and is_packed:  # on the packed rows, as _VF.lstm draws it
+            layer_input = layer_input.new_zeros(layer_input.shape).index_put(
+                (active,), F.dropout(layer_input[active], mod.dropout, training=True))
         elif layer > 0 and mod.dropout > 0:
             layer_input = F.dropout(layer_input, mod.dropout, training=True)
         outs = []
