@@ -111,15 +111,21 @@ def make_explicit_call():
 
 
 class DisabledDropouts(nn.Module):
-    """Item 3: ``training=False`` written in the call (never active), before and after the LSTM."""
+    """Item 3: ``training=False`` written in the call (never active), before an LSTM and
+    after a hand-written cell (which makes the forward be rewritten under every config)."""
 
     def __init__(self):
         super().__init__()
+        from tests.models.cases import CellIFGO
+
         self.lstm = nn.LSTM(I, H)
+        self.cell = CellIFGO(H, 4)
 
     def forward(self, x):
         y = self.lstm(F.dropout(x, 0.3, training=False))[0]
-        return F.dropout(y, 0.5, training=False)
+        h0 = y.new_zeros(y.shape[1], 4)
+        h, c = self.cell(y[-1], (h0, h0))
+        return F.dropout(h, 0.5, training=False)
 
 
 def make_disabled_dropouts():
