@@ -229,10 +229,13 @@ def dynamic_class(base: type, kind: str) -> type:
     """The dynamic subclass of ``base`` for ``kind`` in {"graph", "lstm", "cell"} (cached)."""
     if kind == "graph":
         bases, name = (_GraphForward, base), base.__name__
+    # _Rebuildable last: first, it would make CPython pick another instance layout for
+    # classes whose MRO starts with an ABC (``class M(ABC, nn.RNNBase)``), and __class__
+    # assignment would be refused; nn.Module defines no __reduce_ex__, so it is still found
     elif kind == "lstm":
-        bases, name = (_Rebuildable, base, SparseLSTM), f"Sparse{base.__name__}"
+        bases, name = (base, SparseLSTM, _Rebuildable), f"Sparse{base.__name__}"
     elif kind == "cell":
-        bases, name = (_Rebuildable, base, SparseLSTMCell), f"Sparse{base.__name__}"
+        bases, name = (base, SparseLSTMCell, _Rebuildable), f"Sparse{base.__name__}"
     else:
         raise ValueError(f"unknown dynamic class kind {kind!r}")
     return type(name, bases, {"__module__": base.__module__, "__qualname__": name,
@@ -299,14 +302,24 @@ def swap_lstm(m: nn.Module, structured_dropout: Optional[StructuredDropout],
         raise ValueError(f"{type(m).__name__} is already sparse")
     is_lstm = isinstance(m, nn.LSTM)
     check_configs(structured_dropout, gate_sparsity, m.hidden_size, type(m).__name__)
+    if type(m) is nn.LSTM:
+        new_cls = SparseLSTM
+    elif type(m) is nn.LSTMCell:
+        new_cls = SparseLSTMCell
+    else:
+        try:
+            new_cls = dynamic_class(type(m), "lstm" if is_lstm else "cell")
+        except TypeError as e:  # e.g. a metaclass or base that cannot be combined
+            raise ValueError(f"cannot build a sparse subclass of {type(m).__name__}: {e}") from e
+    old_dropout = getattr(m, "dropout", None)
     if is_lstm and structured_dropout is not None and structured_dropout.p_input > 0:
         m.dropout = 0.0  # NR dropout replaces the inter-layer dropout (as SparseLSTM.from_dense)
-    if type(m) is nn.LSTM:
-        m.__class__ = SparseLSTM
-    elif type(m) is nn.LSTMCell:
-        m.__class__ = SparseLSTMCell
-    else:
-        m.__class__ = dynamic_class(type(m), "lstm" if is_lstm else "cell")
+    try:
+        m.__class__ = new_cls
+    except TypeError as e:  # an instance layout the sparse class cannot share (__slots__ ...)
+        if is_lstm:
+            m.dropout = old_dropout
+        raise ValueError(f"cannot re-class {type(m).__name__} as {new_cls.__name__}: {e}") from e
     m._init_sparse(structured_dropout, gate_sparsity)
     return m
 

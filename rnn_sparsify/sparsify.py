@@ -346,7 +346,8 @@ def _observe(model: nn.Module, example_inputs) -> dict[int, dict]:
 
 def _copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy``, except TorchScript submodules, which are copied by a
-    ``torch.jit.save``/``load`` round trip (their deepcopy yields non-leaf parameters)."""
+    ``torch.jit.save``/``load`` round trip (their deepcopy yields non-leaf parameters), and
+    ``__slots__`` values, which are copied explicitly."""
     import io
 
     from rnn_sparsify.passes.trace import is_scripted
@@ -366,14 +367,24 @@ def _copy_model(model: nn.Module) -> nn.Module:
             for sub in m.modules():  # children are copied with their scripted parent
                 memo.setdefault(id(sub), None) if sub is not m else None
     memo = {k: v for k, v in memo.items() if v is not None}
-    return copy.deepcopy(model, memo)
+    work = copy.deepcopy(model, memo)
+    # nn.Module's __getstate__ returns only __dict__: values in __slots__ of a user subclass
+    # would be lost (also by torch.save); copy them over
+    for m in model.modules():
+        new = memo.get(id(m))
+        if new is None or new is m:
+            continue
+        for name in {n for k in type(m).__mro__ for n in getattr(k, "__slots__", ()) if isinstance(n, str)}:
+            if name in ("__dict__", "__weakref__") or not hasattr(m, name):
+                continue
+            setattr(new, name, copy.deepcopy(getattr(m, name), memo))
+    return work
 
 
 def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: bool):
     from rnn_sparsify.kernels import select_backend
     from rnn_sparsify.passes.find_lstm import display_fqn, find_lstms
-    from rnn_sparsify.passes.fuse_dropout import find_dropout_feeds, fuse_dropout
-    from rnn_sparsify.passes.rewrite import build_region, guard_for, install_graph_forward, rewrite_cell, swap_lstm
+    from rnn_sparsify.passes.rewrite import guard_for, install_graph_forward, swap_lstm
     from rnn_sparsify.passes.trace import trace_degrading
 
     if not isinstance(model, nn.Module):
@@ -445,7 +456,27 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
             + (f" (untraceable: {', '.join(display_fqn(k) for k in tr.opaque)})" if tr.opaque else "")
         )
 
-    # graph rewrites, per traced module ---------------------------------------------------
+    # module swaps (and weight sparsity), each contained: an error skips that LSTM only -----
+    errors: list[str] = []
+    for s in sites:
+        e = by_site[id(s)]
+        if e.handling != MODULE_SWAP:
+            continue
+        undo = _ModuleUndo(s.module)
+        try:
+            swap_lstm(s.module, e._sd, e._gs)  # in place: every reference sees the sparse module
+            if cfg.weight_sparsity is not None:
+                from .weight_sparsity import attach_weight_sparsity, weight_sparsity_stats
+
+                attach_weight_sparsity(s.module, cfg.weight_sparsity, name=s.fqn)
+                e.weight_sparsity = weight_sparsity_stats(s.module)
+        except Exception as err:  # noqa: BLE001 - contained: reported, the module restored
+            undo.restore()
+            _fail(e, err, errors)
+            continue
+        e.__dict__["_module"] = s.module
+
+    # graph rewrites, per traced module, each contained --------------------------------------
     swapped = {e.fqn: e for s, e in ((s, by_site[id(s)]) for s in sites) if e.handling == MODULE_SWAP}
     for s in sites:  # aliases of swapped modules point at the same entry
         if by_site[id(s)].handling == MODULE_SWAP:
@@ -459,107 +490,198 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
             if n.op == "call_module":
                 mod = tg.gm.get_submodule(n.target)
                 calls[id(mod)] = calls.get(id(mod), 0) + 1
-    pending: list[tuple] = []  # graph forwards to install: (owner, graph, covered paths, fused)
+    pending: list[tuple] = []  # graph forwards to install: (owner, graph, covered paths, fused, changes)
     for gfqn, tg in tr.graphs.items():
-        owner = work.get_submodule(gfqn)
         cells = [(s, by_site[id(s)]) for s in sites
                  if s.graph_fqn == gfqn and s.match is not None and by_site[id(s)].handling == GRAPH_REWRITE]
-        changes: list[str] = []
-        fused: list[tuple[str, Any]] = []
-        regions = [(s, e, build_region(tg.gm, s.match)) for s, e in cells]
-        remap: dict = {}
-        targets: dict[str, LSTMEntry] = {}
-        for k, (s, e, region) in enumerate(regions):
-            m = s.match
-            m.x, m.h, m.c = (remap.get(n, n) for n in (m.x, m.h, m.c))
-            name = f"rnn_sparsify_cell_{k}"
-            while hasattr(owner, name):
-                name += "_"
-            old_h, old_c = m.h_out, m.c_out
-            rewrite_cell(tg.gm, m, name, region)
-            call = next(n for n in tg.gm.graph.nodes if n.op == "call_module" and n.target == name)
-            outs = sorted(call.users, key=lambda n: n.args[1])
-            remap[old_h], remap[old_c] = outs[0], outs[1]
-            owner.add_module(name, region)
-            targets[name] = e
-            e.__dict__["_region"] = region
-            changes.append(f"hand-written cell {display_fqn(s.fqn)}[{s.node}] -> {name}")
+        undo = _GraphUndo(work.get_submodule(gfqn))
+        try:
+            done = _rewrite_graph(work, gfqn, tg, cells, swapped, calls, sd, tr, undo)
+        except Exception as err:  # noqa: BLE001 - contained: this graph's cells skipped, fusions undone
+            undo.restore()
+            for _, e in cells:
+                _fail(e, err, errors)
+            for s in sites:  # LSTMs swapped in place stay swapped (their own config), unfused
+                e = by_site[id(s)]
+                if e.fused_dropout and e.fused_dropout.get("graph") == display_fqn(gfqn):
+                    e._sd, e.fused_dropout = sd, None
+            dropouts.append({"graph": display_fqn(gfqn), "fused": False,
+                             "reason": f"graph rewrite failed: {type(err).__name__}: {err}"})
+            continue
+        dropouts.extend(done["dropouts"])
+        if done["pending"] is not None:
+            pending.append(done["pending"])
+            graph_rewrites[gfqn] = done["pending"][-1]
 
-        # dropout fusion ------------------------------------------------------------------
-        def target_entry(node):
-            if node.target in targets:
-                return targets[node.target]
-            return swapped.get(f"{gfqn}.{node.target}" if gfqn else node.target)
-
-        feeds, refused = find_dropout_feeds(
-            tg.gm, lambda n: n.op == "call_module" and (target_entry(n) is not None or _is_lstm_call(tg.gm, n)))
-        for r in refused:
-            dropouts.append({**r.to_dict(), "fused": False, "graph": display_fqn(gfqn)})
-        for f in feeds:
-            e = target_entry(f.target)
-            if e is None:
-                dropouts.append({**f.to_dict(), "target": f.target.name, "fused": False, "graph": display_fqn(gfqn),
-                                 "reason": "the LSTM it feeds is skipped"})
-            elif sd is None:
-                dropouts.append({**f.to_dict(), "target": f.target.name, "fused": False, "graph": display_fqn(gfqn),
-                                 "reason": "no StructuredDropout config given (fusing changes dropout to structured NR)"})
-            elif not tg.mode_independent:
-                dropouts.append({**f.to_dict(), "target": f.target.name, "fused": False, "graph": display_fqn(gfqn),
-                                 "reason": f"graph rewrite refused: {tg.mode_reason}"})
-            elif f.target.target not in targets and (_shared_reason(tg.gm, f.target, calls) is not None):
-                dropouts.append({**f.to_dict(), "target": f.target.name, "fused": False, "graph": display_fqn(gfqn),
-                                 "reason": _shared_reason(tg.gm, f.target, calls)})
-            else:
-                p_in = sd.p_input if sd.p_input > 0 else f.p
-                e._sd = StructuredDropout(p_input=p_in, p_recurrent=sd.p_recurrent)
-                e.fused_dropout = {**f.to_dict(), "p_input": p_in}
-                dropouts.append({**f.to_dict(), "target": f.target.name, "fused": True, "graph": display_fqn(gfqn),
-                                 "p_input": p_in})
-                changes.append(f"removed {f.source} (p={f.p}) before {f.target.name}: fused as NR dropout p_input={p_in}")
-                if f.target.target not in targets:
-                    fused.append((f.target.target, sd))
-                fuse_dropout(tg.gm, f)
-        if changes:  # installed after the swaps: the guard records the final attributes
-            prefix = f"{gfqn}." if gfqn else ""
-            covered = [k[len(prefix):] for k, v in (*tr.inlined.items(), *tr.leaves.items()) if v == gfqn]
-            pending.append((owner, tg.gm.graph, covered, tuple(fused), changes))
-            graph_rewrites[gfqn] = changes
-
-    # configure cell regions, swap modules ---------------------------------------------
     for s in sites:
         e = by_site[id(s)]
-        if e.handling == GRAPH_REWRITE:
-            region = e.__dict__.pop("_region")
-            region.configure(e._sd, e._gs)
-            w = next(iter(s.module.parameters()), None)
-        elif e.handling == MODULE_SWAP:
-            swap_lstm(s.module, e._sd, e._gs)  # in place: every reference sees the sparse module
-            w = next(iter(s.module.parameters()), None)
-        else:
+        if e.handling == SKIPPED:
             continue
+        w = next(iter(s.module.parameters()), None)
         e.configs = [c.to_dict() for c in (e._sd, e._gs) if c is not None]
         if w is not None:
             e.backend = select_backend(w.device, w.dtype).name
         if cfg.weight_sparsity is not None:
             if e.handling == MODULE_SWAP:
-                from .weight_sparsity import attach_weight_sparsity, weight_sparsity_stats
-
-                attach_weight_sparsity(s.module, cfg.weight_sparsity, name=s.fqn)
-                e.weight_sparsity = weight_sparsity_stats(s.module)
                 e.configs.append(cfg.weight_sparsity.to_dict())
             else:
                 e.reason += "; weight sparsity not attached (it applies to nn.LSTM/nn.LSTMCell modules)"
+        e.__dict__.pop("_module", None)
 
     for owner, graph, covered, fused, changes in pending:
         guard = guard_for(owner, graph, covered, fused)
         install_graph_forward(owner, graph, guard)
         changes.append(guard.describe())
+    if errors and not any(e.handling != SKIPPED for e in entries):
+        raise RuntimeError("sparsify: no LSTM could be handled: " + "; ".join(errors))
 
     report = SparsifyReport(
         lstms=entries, configs=cfg.to_list(), graph_rewrites=graph_rewrites,
         untraceable={k: v for k, v in tr.opaque.items()}, dropouts=dropouts, applied=applied,
     )
     return work, report
+
+
+class _ModuleUndo:
+    """Everything :func:`swap_lstm` and ``attach_weight_sparsity`` change on one module
+    (class, attributes, the dicts of parameters/buffers/hooks, parameter values), restored
+    by :meth:`restore` if handling that module fails."""
+
+    def __init__(self, m: nn.Module) -> None:
+        self.m, self.cls = m, m.__class__
+        self.attrs = dict(m.__dict__)
+        self.dicts = {k: dict(v) for k, v in m.__dict__.items() if isinstance(v, dict)}
+        self.values = {k: p.detach().clone() for k, p in m.named_parameters(recurse=False)}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        m = self.m
+        if getattr(m, "weight_sparsity", None) is not None and "weight_sparsity" not in self.attrs:
+            from .weight_sparsity import detach_weight_sparsity
+
+            try:
+                detach_weight_sparsity(m)  # removes the gradient hooks of its parameters
+            except Exception:  # noqa: BLE001 - best effort; the restore below still runs
+                pass
+        m.__class__ = self.cls
+        m.__dict__.clear()
+        m.__dict__.update(self.attrs)
+        for k, v in self.dicts.items():
+            m.__dict__[k].clear()
+            m.__dict__[k].update(v)
+        for k, v in self.values.items():
+            getattr(m, k).copy_(v)
+
+
+class _GraphUndo:
+    """Undo of one graph's rewrite: the cell regions added to ``owner`` and the configs of
+    the swapped LSTMs that took over one of its dropouts."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = owner
+        self.added: list[str] = []
+        self.configs: list[tuple[nn.Module, Any, Any]] = []  # (module, structured_dropout, dropout)
+
+    def remember(self, m: nn.Module) -> None:
+        self.configs.append((m, m.structured_dropout, getattr(m, "dropout", None)))
+
+    def restore(self) -> None:
+        for name in self.added:
+            self.owner._modules.pop(name, None)
+        for m, sdv, drop in reversed(self.configs):
+            m.structured_dropout = sdv
+            if drop is not None:
+                m.dropout = drop
+
+
+def _fail(e: LSTMEntry, err: BaseException, errors: list[str]) -> None:
+    from rnn_sparsify.passes.find_lstm import display_fqn
+
+    e.handling = SKIPPED
+    e.reason = f"error while handling it (skipped, model unchanged there): {type(err).__name__}: {err}"
+    e._sd = e._gs = None
+    e.fused_dropout = None
+    e.weight_sparsity = None
+    e.__dict__.pop("_region", None)
+    e.__dict__.pop("_module", None)
+    errors.append(f"{display_fqn(e.fqn)}: {type(err).__name__}: {err}")
+
+
+def _rewrite_graph(work, gfqn, tg, cells, swapped, calls, sd, tr, undo: _GraphUndo) -> dict:
+    """Rewrite the hand-written cells of one traced graph and fuse its dropouts; returns the
+    dropout records and the forward to install (None if nothing changed)."""
+    from rnn_sparsify.passes.find_lstm import display_fqn
+    from rnn_sparsify.passes.fuse_dropout import find_dropout_feeds, fuse_dropout
+    from rnn_sparsify.passes.rewrite import build_region, rewrite_cell
+
+    owner = work.get_submodule(gfqn)
+    changes: list[str] = []
+    fused: list[tuple[str, Any]] = []
+    dropouts: list[dict] = []
+    regions = [(s, e, build_region(tg.gm, s.match)) for s, e in cells]
+    remap: dict = {}
+    targets: dict[str, LSTMEntry] = {}
+    for k, (s, e, region) in enumerate(regions):
+        m = s.match
+        m.x, m.h, m.c = (remap.get(n, n) for n in (m.x, m.h, m.c))
+        name = f"rnn_sparsify_cell_{k}"
+        while hasattr(owner, name):
+            name += "_"
+        old_h, old_c = m.h_out, m.c_out
+        rewrite_cell(tg.gm, m, name, region)
+        call = next(n for n in tg.gm.graph.nodes if n.op == "call_module" and n.target == name)
+        outs = sorted(call.users, key=lambda n: n.args[1])
+        remap[old_h], remap[old_c] = outs[0], outs[1]
+        owner.add_module(name, region)
+        undo.added.append(name)
+        targets[name] = e
+        e.__dict__["_region"] = region
+        changes.append(f"hand-written cell {display_fqn(s.fqn)}[{s.node}] -> {name}")
+
+    def target_entry(node):
+        if node.target in targets:
+            return targets[node.target]
+        return swapped.get(f"{gfqn}.{node.target}" if gfqn else node.target)
+
+    def record(f, **kw):
+        dropouts.append({**f.to_dict(), "target": f.target.name, "graph": display_fqn(gfqn), **kw})
+
+    feeds, refused = find_dropout_feeds(
+        tg.gm, lambda n: n.op == "call_module" and (target_entry(n) is not None or _is_lstm_call(tg.gm, n)))
+    for r in refused:
+        dropouts.append({**r.to_dict(), "fused": False, "graph": display_fqn(gfqn)})
+    for f in feeds:
+        e = target_entry(f.target)
+        if e is None:
+            record(f, fused=False, reason="the LSTM it feeds is skipped")
+        elif sd is None:
+            record(f, fused=False, reason="no StructuredDropout config given (fusing changes dropout to structured NR)")
+        elif not tg.mode_independent:
+            record(f, fused=False, reason=f"graph rewrite refused: {tg.mode_reason}")
+        elif f.target.target not in targets and _shared_reason(tg.gm, f.target, calls) is not None:
+            record(f, fused=False, reason=_shared_reason(tg.gm, f.target, calls))
+        else:
+            p_in = sd.p_input if sd.p_input > 0 else f.p
+            e._sd = StructuredDropout(p_input=p_in, p_recurrent=sd.p_recurrent)
+            e.fused_dropout = {**f.to_dict(), "p_input": p_in, "graph": display_fqn(gfqn)}
+            record(f, fused=True, p_input=p_in)
+            changes.append(f"removed {f.source} (p={f.p}) before {f.target.name}: fused as NR dropout p_input={p_in}")
+            if f.target.target not in targets:
+                mod = e.__dict__["_module"]
+                undo.remember(mod)
+                mod.structured_dropout = e._sd
+                if isinstance(mod, nn.LSTM):
+                    mod.dropout = 0.0  # NR dropout replaces the inter-layer dropout
+                fused.append((f.target.target, sd))
+            fuse_dropout(tg.gm, f)
+    for _, e, region in regions:
+        region.configure(e._sd, e._gs)
+        e.__dict__.pop("_region", None)
+    if not changes:
+        return {"dropouts": dropouts, "pending": None}
+    prefix = f"{gfqn}." if gfqn else ""
+    covered = [k[len(prefix):] for k, v in (*tr.inlined.items(), *tr.leaves.items()) if v == gfqn]
+    return {"dropouts": dropouts, "pending": (owner, tg.gm.graph, covered, tuple(fused), changes)}
 
 
 def _rng_preserved(model):

@@ -6,9 +6,12 @@ Every ``make_*`` returns ``(model, inputs)`` with fresh random float64 inputs, l
 """
 from __future__ import annotations
 
+from abc import ABC
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 T, B, I, H = 5, 3, 6, 8
 
@@ -239,6 +242,44 @@ def make_optional_state():
     return StepLoop().double(), (torch.randn(T, B, H, dtype=torch.float64),)
 
 
+# issue 10, item 2: subclasses the swap must re-class ------------------------------------
+class RNNMixin(ABC, nn.RNNBase):
+    """An abstract mixin on nn.RNNBase, as speech/forecasting toolkits write them."""
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({self.input_size}->{self.hidden_size})"
+
+
+class MixinLSTM(RNNMixin, nn.LSTM):
+    def forward(self, x, lengths=None):
+        if lengths is None:
+            return super().forward(x)[0]
+        packed = pack_padded_sequence(x, lengths, batch_first=self.batch_first, enforce_sorted=False)
+        return pad_packed_sequence(super().forward(packed)[0], batch_first=self.batch_first, total_length=x.size(1))[0]
+
+
+class SlottedLSTM(nn.LSTM):
+    __slots__ = ("tag",)
+
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+class SubclassZoo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = MixinLSTM(I, H, batch_first=True)
+        self.b = SlottedLSTM(H, H, batch_first=True)
+        self.b.tag = "kept"
+
+    def forward(self, x, lengths):
+        return self.b(self.a(x, lengths))
+
+
+def make_subclass_zoo():
+    return SubclassZoo().double(), (torch.randn(B, T, I, dtype=torch.float64), torch.tensor([T, 2, 4]))
+
+
 FIDELITY_CASES = {
     "frozen": make_frozen,
     "hooked": make_hooked,
@@ -252,4 +293,5 @@ FIDELITY_CASES = {
     "counting": make_counting,
     "flagged": make_flagged,
     "optional_state": make_optional_state,
+    "subclass_zoo": make_subclass_zoo,
 }
