@@ -94,6 +94,9 @@ class ForwardGuard:
       graph, as they were when traced: a ``use_head`` flag read by an ``if`` was baked in.
     * ``fused``: ``(module path, StructuredDropout without the fused dropout)`` of LSTMs that
       took over a dropout of this graph; the original forward runs that dropout itself.
+    * ``types``: ``(parameter, type)`` for the parameters that the ``example_inputs`` passed
+      with one type only (a ``PackedSequence`` and a ``Tensor`` trace alike, but the code
+      around them may differ).
 
     When a check fails the original forward runs instead (a one-time warning says why): the
     same numbers as the original model, only the graph's rewrites (hand-written cells on the
@@ -103,6 +106,7 @@ class ForwardGuard:
     params: tuple[str, ...]
     attrs: tuple[tuple[str, str, Any], ...]
     fused: tuple[tuple[str, Any], ...] = ()
+    types: tuple[tuple[str, type], ...] = ()
 
     def check(self, owner: nn.Module, args: tuple, kwargs: dict) -> Optional[str]:
         if self.params:
@@ -117,6 +121,10 @@ class ForwardGuard:
             if len(given) != len(self.params):
                 extra = sorted(set(given) - set(self.params))
                 return f"unexpected keyword arguments {extra}"
+            for name, t in self.types:
+                if type(given[name]) is not t:
+                    return (f"argument {name!r} is a {type(given[name]).__name__}; the example inputs called it "
+                            f"with a {t.__name__}")
         for path, attr, value in self.attrs:
             mod = owner.get_submodule(path) if path else owner
             cur = mod.__dict__.get(attr, _MISSING)
@@ -130,6 +138,8 @@ class ForwardGuard:
         what = []
         if self.params:
             what.append("an argument is None or omitted")
+        if self.types:
+            what.append(f"an argument's type differs from the example inputs' ({', '.join(n for n, _ in self.types)})")
         if self.attrs:
             what.append(f"one of {len(self.attrs)} plain attributes changes")
         return "guarded: runs the original forward if " + " or ".join(what) if what else "unguarded"
@@ -139,13 +149,21 @@ class ForwardGuard:
 _RUNTIME_ATTRS = frozenset({"last_path", "last_backend", "gate_sparsity_enabled", "force_sparse_path", "record_plans"})
 
 
-def guard_for(module: nn.Module, graph: fx.Graph, covered: list[str], fused: tuple = ()) -> ForwardGuard:
+def guard_for(module: nn.Module, graph: fx.Graph, covered: list[str], fused: tuple = (),
+              signatures: Optional[set] = None) -> ForwardGuard:
     """The :class:`ForwardGuard` of ``graph`` traced from ``module``; ``covered`` are the
     paths (relative to ``module``) of the submodules whose code the graph inlines or calls,
-    ``fused`` the ``(path, StructuredDropout)`` of LSTMs that took over one of its dropouts."""
+    ``fused`` the ``(path, StructuredDropout)`` of LSTMs that took over one of its dropouts,
+    ``signatures`` the argument types ``module`` was called with on the example inputs."""
     params = tuple(n.target for n in graph.nodes if n.op == "placeholder")
     if any(p.startswith("*") for p in params):
         params = ()
+    seen: dict[str, set] = {}
+    for pos, kw in signatures or ():
+        for name, t in (*zip(params, pos), *kw):
+            seen.setdefault(name, set()).add(t)
+    types = tuple((n, next(iter(ts))) for n, ts in seen.items()
+                  if n in params and len(ts) == 1 and next(iter(ts)) is not type(None))
     attrs = []
     for path in dict.fromkeys([""] + list(covered)):
         mod = module.get_submodule(path) if path else module
@@ -154,7 +172,7 @@ def guard_for(module: nn.Module, graph: fx.Graph, covered: list[str], fused: tup
                 continue
             if isinstance(v, (bool, int, float, str, type(None))):
                 attrs.append((path, k, v))
-    return ForwardGuard(params, tuple(attrs), tuple(fused))
+    return ForwardGuard(params, tuple(attrs), tuple(fused), types)
 
 
 class _GraphForward(_Rebuildable):

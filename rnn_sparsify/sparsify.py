@@ -298,13 +298,18 @@ def get_report(model: nn.Module) -> SparsifyReport:
 
 
 # ---------------------------------------------------------------------------------------
-def _observe(model: nn.Module, example_inputs) -> dict[int, dict]:
-    """Calls and tokens (rows of one time step) of every module on ``example_inputs``."""
+def _observe(model: nn.Module, example_inputs, signatures: Optional[dict] = None) -> dict[int, dict]:
+    """Calls and tokens (rows of one time step) of every module on ``example_inputs``; with
+    ``signatures``, also the argument types of every call of every module (id -> set of
+    ``(positional types, sorted (keyword, type))``)."""
     from torch.nn.utils.rnn import PackedSequence
 
     seen: dict[int, dict] = {}
 
     def hook(mod, args, kwargs):
+        if signatures is not None:
+            signatures.setdefault(id(mod), set()).add(
+                (tuple(type(a) for a in args), tuple(sorted((k, type(v)) for k, v in kwargs.items()))))
         x = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(x, PackedSequence):
             tokens, batch = int(x.data.shape[0]), int(x.batch_sizes[0])
@@ -393,7 +398,8 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
         raise TypeError("sparsify: filter_fn must be callable as filter_fn(module, fqn) -> bool")
     cfg = _dispatch(configs)
     work = _copy_model(model)
-    observed = _observe(work, example_inputs) if example_inputs is not None else {}
+    signatures: dict[int, set] = {}
+    observed = _observe(work, example_inputs, signatures) if example_inputs is not None else {}
     tr = trace_degrading(work)
     sites = find_lstms(work, tr)
     sd, gs = cfg.structured_dropout, cfg.gate_sparsity
@@ -529,7 +535,7 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
         e.__dict__.pop("_module", None)
 
     for owner, graph, covered, fused, changes in pending:
-        guard = guard_for(owner, graph, covered, fused)
+        guard = guard_for(owner, graph, covered, fused, signatures.get(id(owner)))
         install_graph_forward(owner, graph, guard)
         changes.append(guard.describe())
     if errors and not any(e.handling != SKIPPED for e in entries):

@@ -363,3 +363,34 @@ def test_traced_forward_called_with_none_falls_back_to_the_original():
         out = sp(xs)
     out.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in sp.parameters() if p.grad is not None)
+
+
+class PackedOrPadded(nn.Module):
+    """Traced with a Tensor; a PackedSequence would take another path through its code."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.2)
+        self.lstm = nn.LSTM(6, 8)
+
+    def forward(self, x):
+        from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+        if isinstance(x, PackedSequence):  # traced with a Proxy: False, baked in
+            return pad_packed_sequence(self.lstm(x)[0])[0]
+        return self.lstm(self.drop(x))[0]
+
+
+def test_argument_of_another_type_than_the_example_inputs_falls_back():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    m = PackedOrPadded().double()
+    x = torch.randn(5, 3, 6, dtype=torch.float64)
+    sp = sparsify(m, SD, example_inputs=(x,))
+    assert "type differs" in sp.rnn_sparsify_report.graph_rewrites[""][-1]
+    packed = pack_padded_sequence(x, torch.tensor([5, 4, 2]))
+    m.eval(), sp.eval()
+    assert torch.equal(sp(x), m(x))  # no warning: the traced pattern
+    with pytest.warns(UserWarning, match="PackedSequence"):
+        got = sp(packed)
+    assert torch.equal(got, m(packed))
