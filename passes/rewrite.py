@@ -61,6 +61,7 @@ __all__ = [
     "base_forward_problem",
     "ForwardGuard",
     "guard_for",
+    "forward_params",
 ]
 
 
@@ -86,17 +87,18 @@ _MISSING = object()
 class ForwardGuard:
     """What a traced graph assumed, checked on every call of the installed forward.
 
-    * ``params``: the forward's parameters, traced as given and not None (fx traces every
-      argument as a tensor, so ``if hx is None:`` took the "given" branch). ``()`` when the
-      forward takes ``*args``/``**kwargs`` (then only the attributes are checked).
+    * ``params``: the forward's parameters in order (``()`` when it takes ``*args`` or
+      ``**kwargs``: then no argument is checked). ``nones``: those traced as None because the
+      ``example_inputs`` never passed them (fx specialises them: ``if hx is None:`` took the
+      "None" branch); every other parameter was traced as given (fx traces an argument as a
+      tensor, so ``if hx is None:`` took the "given" branch) and must be given, not None.
+    * ``types``: ``(parameter, type)`` for the parameters the ``example_inputs`` passed with
+      one type only (``isinstance(x, PackedSequence)`` is traced as False).
     * ``attrs``: ``(module path relative to the owner, attribute, value)`` of every plain
-      (bool/int/float/str/None) attribute of the owner and of the modules inlined into its
-      graph, as they were when traced: a ``use_head`` flag read by an ``if`` was baked in.
+      (bool/int/float/str/None) attribute of the owner and of the modules its graph inlines
+      or calls, as they were when traced: a ``use_head`` flag read by an ``if`` was baked in.
     * ``fused``: ``(module path, StructuredDropout without the fused dropout)`` of LSTMs that
       took over a dropout of this graph; the original forward runs that dropout itself.
-    * ``types``: ``(parameter, type)`` for the parameters that the ``example_inputs`` passed
-      with one type only (a ``PackedSequence`` and a ``Tensor`` trace alike, but the code
-      around them may differ).
 
     When a check fails the original forward runs instead (a one-time warning says why): the
     same numbers as the original model, only the graph's rewrites (hand-written cells on the
@@ -107,37 +109,51 @@ class ForwardGuard:
     attrs: tuple[tuple[str, str, Any], ...]
     fused: tuple[tuple[str, Any], ...] = ()
     types: tuple[tuple[str, type], ...] = ()
+    nones: frozenset = frozenset()
 
-    def check(self, owner: nn.Module, args: tuple, kwargs: dict) -> Optional[str]:
+    def bind(self, owner: nn.Module, args: tuple, kwargs: dict) -> tuple[Optional[str], tuple]:
+        """(why the graph does not apply, or None; the arguments in ``params`` order)."""
+        ordered = args
         if self.params:
             if len(args) > len(self.params):
-                return f"called with {len(args)} positional arguments, traced with {len(self.params)}"
+                return f"called with {len(args)} positional arguments, traced with {len(self.params)}", ()
             given = dict(zip(self.params, args))
-            given.update(kwargs)
+            for k, v in kwargs.items():
+                if k not in self.params or k in given:
+                    return f"unexpected or repeated keyword argument {k!r}", ()
+                given[k] = v
             for name in self.params:
-                if given.get(name) is None:
+                value = given.get(name)
+                if name in self.nones:
+                    if value is not None:
+                        return (f"argument {name!r} is given; the example inputs never passed it and the graph "
+                                "was traced with it None"), ()
+                elif value is None:
                     how = "None" if name in given else "not given"
-                    return f"argument {name!r} is {how} (the graph was traced with it given)"
-            if len(given) != len(self.params):
-                extra = sorted(set(given) - set(self.params))
-                return f"unexpected keyword arguments {extra}"
+                    return f"argument {name!r} is {how} (the graph was traced with it given)", ()
             for name, t in self.types:
                 if type(given[name]) is not t:
                     return (f"argument {name!r} is a {type(given[name]).__name__}; the example inputs called it "
-                            f"with a {t.__name__}")
+                            f"with a {t.__name__}"), ()
+            ordered = tuple(given.get(n) for n in self.params)
+        elif kwargs:
+            return "keyword arguments to a forward traced with *args", ()
         for path, attr, value in self.attrs:
             mod = owner.get_submodule(path) if path else owner
             cur = mod.__dict__.get(attr, _MISSING)
             if not (cur is value or (type(cur) is type(value) and cur == value)):
                 where = f"{path}.{attr}" if path else attr
                 now = "deleted" if cur is _MISSING else repr(cur)
-                return f"attribute {where} is {now}, it was {value!r} when the forward was traced"
-        return None
+                return f"attribute {where} is {now}, it was {value!r} when the forward was traced", ()
+        return None, ordered
 
     def describe(self) -> str:
         what = []
-        if self.params:
-            what.append("an argument is None or omitted")
+        given = [p for p in self.params if p not in self.nones]
+        if given:
+            what.append(f"{', '.join(given)} is None or omitted")
+        if self.nones:
+            what.append(f"{', '.join(sorted(self.nones))} is given (traced as None)")
         if self.types:
             what.append(f"an argument's type differs from the example inputs' ({', '.join(n for n, _ in self.types)})")
         if self.attrs:
@@ -149,21 +165,37 @@ class ForwardGuard:
 _RUNTIME_ATTRS = frozenset({"last_path", "last_backend", "gate_sparsity_enabled", "force_sparse_path", "record_plans"})
 
 
+def forward_params(module: nn.Module) -> tuple[tuple[str, ...], bool]:
+    """The parameter names of ``module.forward`` (without self) and whether it is plain
+    (no ``*args``/``**kwargs``, no keyword-only parameters)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(type(module).forward)
+    except (TypeError, ValueError):
+        return (), False
+    ps = list(sig.parameters.values())[1:]
+    plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY) for p in ps)
+    return tuple(p.name for p in ps), plain
+
+
 def guard_for(module: nn.Module, graph: fx.Graph, covered: list[str], fused: tuple = (),
-              signatures: Optional[set] = None) -> ForwardGuard:
+              signatures: Optional[set] = None, nones: frozenset = frozenset()) -> ForwardGuard:
     """The :class:`ForwardGuard` of ``graph`` traced from ``module``; ``covered`` are the
     paths (relative to ``module``) of the submodules whose code the graph inlines or calls,
     ``fused`` the ``(path, StructuredDropout)`` of LSTMs that took over one of its dropouts,
-    ``signatures`` the argument types ``module`` was called with on the example inputs."""
-    params = tuple(n.target for n in graph.nodes if n.op == "placeholder")
-    if any(p.startswith("*") for p in params):
-        params = ()
+    ``signatures`` the argument types ``module`` was called with on the example inputs,
+    ``nones`` the parameters traced as None."""
+    params, plain = forward_params(module)
+    n_ph = sum(1 for n in graph.nodes if n.op == "placeholder")
+    if not plain or n_ph != len(params):
+        params, nones = (), frozenset()
     seen: dict[str, set] = {}
     for pos, kw in signatures or ():
         for name, t in (*zip(params, pos), *kw):
             seen.setdefault(name, set()).add(t)
     types = tuple((n, next(iter(ts))) for n, ts in seen.items()
-                  if n in params and len(ts) == 1 and next(iter(ts)) is not type(None))
+                  if n in params and n not in nones and len(ts) == 1 and next(iter(ts)) is not type(None))
     attrs = []
     for path in dict.fromkeys([""] + list(covered)):
         mod = module.get_submodule(path) if path else module
@@ -172,7 +204,7 @@ def guard_for(module: nn.Module, graph: fx.Graph, covered: list[str], fused: tup
                 continue
             if isinstance(v, (bool, int, float, str, type(None))):
                 attrs.append((path, k, v))
-    return ForwardGuard(params, tuple(attrs), tuple(fused), types)
+    return ForwardGuard(params, tuple(attrs), tuple(fused), types, frozenset(nones))
 
 
 class _GraphForward(_Rebuildable):
@@ -182,9 +214,11 @@ class _GraphForward(_Rebuildable):
     def forward(self, *args, **kwargs):
         guard = self.__dict__.get("_rnn_sparsify_guard")
         if guard is not None:
-            why = guard.check(self, args, kwargs)
+            why, ordered = guard.bind(self, args, kwargs)
             if why is not None:
                 return self._rnn_sparsify_original_forward(why, guard, args, kwargs)
+            if guard.params:  # positionally: fx may have renamed a specialised parameter
+                return self.__dict__["_rnn_sparsify_fwd"](self, *ordered)
         return self.__dict__["_rnn_sparsify_fwd"](self, *args, **kwargs)
 
     def _rnn_sparsify_original_forward(self, why: str, guard: ForwardGuard, args, kwargs):

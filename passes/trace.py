@@ -123,12 +123,14 @@ def _short(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def trace_module(module: nn.Module, extra_leaves: frozenset[int] = frozenset()) -> fx.GraphModule:
-    """Trace ``module`` with :class:`LeafTracer`; raises whatever tracing raises."""
+def trace_module(module: nn.Module, extra_leaves: frozenset[int] = frozenset(),
+                 concrete_args: Optional[dict] = None) -> fx.GraphModule:
+    """Trace ``module`` with :class:`LeafTracer`; raises whatever tracing raises.
+    ``concrete_args`` (e.g. ``{"hx": None}``) specialises those parameters."""
     tracer = LeafTracer(extra_leaves)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = tracer.trace(module)
+        graph = tracer.trace(module, concrete_args=concrete_args or None)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
@@ -257,11 +259,12 @@ class PythonState:
                     cur.copy_(b)
 
 
-def _check_mode_independent(module: nn.Module, gm: fx.GraphModule, leaves: frozenset[int]) -> tuple[bool, str]:
+def _check_mode_independent(module: nn.Module, gm: fx.GraphModule, leaves: frozenset[int],
+                            concrete_args: Optional[dict] = None) -> tuple[bool, str]:
     was = module.training
     try:
         module.train(not was)
-        other = trace_module(module, leaves)
+        other = trace_module(module, leaves, concrete_args)
     except Exception as e:  # traced in one mode, not in the other
         return False, f"forward traces only in {'train' if was else 'eval'} mode ({_short(e)})"
     finally:
@@ -272,18 +275,26 @@ def _check_mode_independent(module: nn.Module, gm: fx.GraphModule, leaves: froze
     return True, ""
 
 
-def trace_degrading(model: nn.Module) -> TraceResult:
+def trace_degrading(model: nn.Module, none_args: Optional[dict[int, frozenset]] = None) -> TraceResult:
     """Trace ``model`` as far as it goes (see module docstring). Never raises on bad code.
 
     A module whose forward changes Python state while traced (``self.calls += 1``, a list
     append, a buffer written in place) is opaque: a graph would run that code at trace time
-    only. The state is restored, so ``model`` leaves this function as it came in."""
+    only. The state is restored, so ``model`` leaves this function as it came in.
+
+    ``none_args`` (id of a module -> parameter names) are traced as None: the parameters the
+    module's ``example_inputs`` calls never passed (see ``ForwardGuard``)."""
     res = TraceResult()
+    none_args = none_args or {}
+
+    def concrete(module: nn.Module) -> Optional[dict]:
+        names = none_args.get(id(module))
+        return {n: None for n in names} if names else None
 
     def try_trace(module: nn.Module, fqn: str, leaves: frozenset[int]) -> Optional[fx.GraphModule]:
         state = PythonState(module)
         try:
-            gm = trace_module(module, leaves)
+            gm = trace_module(module, leaves, concrete(module))
         except Exception as e:
             state.restore()
             res.opaque[fqn] = _short(e)
@@ -299,7 +310,7 @@ def trace_degrading(model: nn.Module) -> TraceResult:
     def record(module: nn.Module, fqn: str, gm: fx.GraphModule, leaves: frozenset[int]) -> None:
         res.opaque.pop(fqn, None)
         state = PythonState(module)
-        ok, why = _check_mode_independent(module, gm, leaves)
+        ok, why = _check_mode_independent(module, gm, leaves, concrete(module))
         state.restore()
         leaf_names = [name for name, sub in module.named_modules() if name and id(sub) in leaves]
         # assign coverage: leaves stop the walk into their subtree

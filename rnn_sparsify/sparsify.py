@@ -400,7 +400,8 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
     work = _copy_model(model)
     signatures: dict[int, set] = {}
     observed = _observe(work, example_inputs, signatures) if example_inputs is not None else {}
-    tr = trace_degrading(work)
+    none_args = _never_passed(work, signatures)
+    tr = trace_degrading(work, none_args)
     sites = find_lstms(work, tr)
     sd, gs = cfg.structured_dropout, cfg.gate_sparsity
 
@@ -535,7 +536,7 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
         e.__dict__.pop("_module", None)
 
     for owner, graph, covered, fused, changes in pending:
-        guard = guard_for(owner, graph, covered, fused, signatures.get(id(owner)))
+        guard = guard_for(owner, graph, covered, fused, signatures.get(id(owner)), none_args.get(id(owner), frozenset()))
         install_graph_forward(owner, graph, guard)
         changes.append(guard.describe())
     if errors and not any(e.handling != SKIPPED for e in entries):
@@ -697,6 +698,31 @@ def _rng_preserved(model):
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda}) if isinstance(
         model, nn.Module) else []
     return torch.random.fork_rng(devices=devices)
+
+
+def _never_passed(model: nn.Module, signatures: dict[int, set]) -> dict[int, frozenset]:
+    """Per observed module, the optional ``forward`` parameters (default None) that no call
+    of the example inputs passed, or passed as None: traced as None."""
+    from rnn_sparsify.passes.rewrite import forward_params
+
+    out: dict[int, frozenset] = {}
+    for m in model.modules():
+        sigs = signatures.get(id(m))
+        if not sigs:
+            continue
+        names, plain = forward_params(m)
+        if not plain:
+            continue
+        import inspect
+
+        defaults = {n: p.default for n, p in inspect.signature(type(m).forward).parameters.items()}
+        cand = {n for n in names if defaults.get(n, inspect.Parameter.empty) is None}
+        for pos, kw in sigs:
+            passed = {n for n, t in (*zip(names, pos), *kw) if t is not type(None)}
+            cand -= passed
+        if cand:
+            out[id(m)] = frozenset(cand)
+    return out
 
 
 def _shared_reason(gm, node, calls: dict[int, int]) -> Optional[str]:

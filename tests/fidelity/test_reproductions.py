@@ -394,3 +394,35 @@ def test_argument_of_another_type_than_the_example_inputs_falls_back():
     with pytest.warns(UserWarning, match="PackedSequence"):
         got = sp(packed)
     assert torch.equal(got, m(packed))
+
+
+class OneStep(nn.Module):
+    """Calls its traced child always without ``hx``."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = fm.OptionalState()
+
+    def forward(self, xs):
+        outs = [self.rnn(x)[0] for x in xs.unbind(0)]  # unbind: the root does not trace
+        return torch.stack(outs)
+
+
+def test_parameter_never_passed_by_the_example_inputs_is_traced_as_none():
+    m = OneStep().double()
+    xs = torch.randn(4, 3, 8, dtype=torch.float64)
+    sp = sparsify(m, SD, example_inputs=(xs,))
+    changes = sp.rnn_sparsify_report.graph_rewrites["rnn"]
+    assert any("hx is given (traced as None)" in c for c in changes)
+    m.eval(), sp.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the traced pattern: no fallback
+        got = sp(xs)
+    assert torch.equal(got, m(xs))
+    hx = (torch.zeros(2, 3, 8, dtype=torch.float64),) * 2
+    with pytest.warns(UserWarning, match="'hx' is given"):
+        got = sp.rnn(xs[0], hx)
+    torch.testing.assert_close(got, m.rnn(xs[0], hx), rtol=0, atol=0)
+    sp.train()
+    sp(xs).sum().backward()
+    assert sp.rnn.cells[1].last_path == "sparse"
