@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+
+from torch.nn.utils.rnn import PackedSequence as PackedSequenceType
 
 from .config import GateGradientSparsity, StructuredDropout, kept_count
 
@@ -185,6 +188,8 @@ class SparsifyReport:
     * ``graph_rewrites``: module -> changes made to its forward.
     * ``untraceable``: module -> why fx could not trace it (its LSTMs were swapped in place).
     * ``dropouts``: dropouts fused into an LSTM, and those that could not be, with the reason.
+    * ``verification`` (with ``example_inputs``): the rewritten forwards checked against the
+      original forwards on them in ``eval()``, and those undone because they differed.
     * ``flops(batch_size, seq_len)``: GEMM FLOPs per phase (forward, backward_data,
       weight_gradient), dense vs sparse, per LSTM and in total.
     """
@@ -195,6 +200,7 @@ class SparsifyReport:
     untraceable: dict[str, str]
     dropouts: list[dict]
     applied: bool = True
+    verification: Optional[dict] = None
 
     def __getitem__(self, fqn: str) -> LSTMEntry:
         for e in self.lstms:
@@ -240,6 +246,8 @@ class SparsifyReport:
             "untraceable": self.untraceable,
             "dropouts": self.dropouts,
         }
+        if self.verification is not None:
+            d["verification"] = self.verification
         if batch_size is not None and seq_len is not None:
             d["flops"] = self.flops(batch_size, seq_len)
         elif any(e.observed for e in self.lstms):
@@ -517,7 +525,7 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
             continue
         dropouts.extend(done["dropouts"])
         if done["pending"] is not None:
-            pending.append(done["pending"])
+            pending.append((gfqn, undo, cells, *done["pending"]))
             graph_rewrites[gfqn] = done["pending"][-1]
 
     for s in sites:
@@ -535,18 +543,119 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
                 e.reason += "; weight sparsity not attached (it applies to nn.LSTM/nn.LSTMCell modules)"
         e.__dict__.pop("_module", None)
 
-    for owner, graph, covered, fused, changes in pending:
+    for _, _, _, owner, graph, covered, fused, changes in pending:
         guard = guard_for(owner, graph, covered, fused, signatures.get(id(owner)), none_args.get(id(owner), frozenset()))
         install_graph_forward(owner, graph, guard)
         changes.append(guard.describe())
+
+    verification = None
+    if example_inputs is not None and pending:
+        verification = _verify_graph_rewrites(work, example_inputs, pending, graph_rewrites, dropouts, sd, entries)
     if errors and not any(e.handling != SKIPPED for e in entries):
         raise RuntimeError("sparsify: no LSTM could be handled: " + "; ".join(errors))
 
     report = SparsifyReport(
         lstms=entries, configs=cfg.to_list(), graph_rewrites=graph_rewrites,
         untraceable={k: v for k, v in tr.opaque.items()}, dropouts=dropouts, applied=applied,
+        verification=verification,
     )
     return work, report
+
+
+def _outputs(model: nn.Module, inputs: tuple) -> list:
+    """The tensors of ``model(*inputs)`` in eval() under no_grad, seeded, leaving no trace
+    (Python state, train modes)."""
+    from rnn_sparsify.passes.trace import PythonState
+
+    state = PythonState(model)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            out = model(*inputs)
+    finally:
+        for m, t in modes.items():
+            m.training = t
+        state.restore()
+
+    def flat(o):
+        if isinstance(o, torch.Tensor):
+            return [o.detach().clone()]
+        if isinstance(o, PackedSequenceType):
+            return flat(tuple(o))
+        if isinstance(o, (tuple, list)):
+            return [t for x in o for t in flat(x)]
+        if isinstance(o, dict):
+            return [t for k in sorted(o, key=str) for t in flat(o[k])]
+        return []
+
+    return flat(out)
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y) or
+                                                           torch.equal(x.isnan(), y.isnan()) and
+                                                           torch.equal(x.nan_to_num(), y.nan_to_num()))
+        for x, y in zip(a, b))
+
+
+def _verify_graph_rewrites(work, example_inputs, pending, graph_rewrites, dropouts, sd, entries) -> dict:
+    """Verification pass: the example inputs through ``work`` in eval() with each installed
+    graph forward, against the same model running the original forwards. A graph whose
+    forward changes the outputs is undone (original forward back, its cell regions removed,
+    its fused dropouts unfused) and reported. Returns ``{"checked", "reverted"}``."""
+    from rnn_sparsify.passes.find_lstm import display_fqn
+
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    owners = [p[3] for p in pending]
+
+    def run(active: set) -> list:
+        for o in owners:
+            o.__dict__["_rnn_sparsify_force_original"] = id(o) not in active
+        try:
+            return _outputs(work, inputs)
+        finally:
+            for o in owners:
+                o.__dict__.pop("_rnn_sparsify_force_original", None)
+
+    reverted: dict[str, str] = {}
+    try:
+        ref = run(set())
+        if _same(run({id(o) for o in owners}), ref):
+            return {"checked": [display_fqn(p[0]) for p in pending], "reverted": reverted}
+        for gfqn, undo, cells, owner, *_ in pending:
+            if _same(run({id(owner)}), ref):
+                continue
+            why = "verification: with this rewritten forward the example inputs give other eval() outputs; undone"
+            _revert_graph(owner, undo)
+            reverted[display_fqn(gfqn)] = why
+            graph_rewrites.pop(gfqn, None)
+            for _, e in cells:
+                e.handling, e.reason, e._sd, e._gs, e.configs, e.backend = SKIPPED, why, None, None, [], None
+            for dd in dropouts:
+                if dd.get("graph") == display_fqn(gfqn) and dd.get("fused"):
+                    dd["fused"], dd["reason"] = False, why
+            for e in entries:  # LSTMs that took over one of its dropouts: unfused again
+                if e.fused_dropout and e.fused_dropout.get("graph") == display_fqn(gfqn):
+                    e._sd, e.fused_dropout = sd, None
+                    e.configs = [sd.to_dict() if c.get("kind") == StructuredDropout.kind else c for c in e.configs]
+            warnings.warn(f"rnn_sparsify: {why} ({display_fqn(gfqn)})", RuntimeWarning, stacklevel=4)
+    except Exception as err:  # noqa: BLE001 - example inputs that do not run were caught earlier
+        return {"checked": [], "reverted": reverted, "error": f"{type(err).__name__}: {err}"}
+    return {"checked": [display_fqn(p[0]) for p in pending], "reverted": reverted}
+
+
+def _revert_graph(owner: nn.Module, undo: "_GraphUndo") -> None:
+    """Give ``owner`` its original forward back and undo what its graph rewrite did."""
+    base = getattr(owner, "_rnn_sparsify_base", None)
+    if base is not None:
+        owner.__class__ = base
+    for k in [k for k in owner.__dict__ if k.startswith("_rnn_sparsify_")]:
+        del owner.__dict__[k]
+    undo.restore()
 
 
 class _ModuleUndo:

@@ -426,3 +426,28 @@ def test_parameter_never_passed_by_the_example_inputs_is_traced_as_none():
     sp.train()
     sp(xs).sum().backward()
     assert sp.rnn.cells[1].last_path == "sparse"
+
+
+# issue 10, item 5 (verification pass) -------------------------------------------------------
+def test_verification_undoes_a_rewrite_that_changes_eval_outputs(monkeypatch):
+    from rnn_sparsify.passes.rewrite import SparseCellRegion
+
+    m, (x,) = fm.make_disabled_dropouts()  # a hand-written cell: the root forward is rewritten
+    sp = sparsify(m, GGS, example_inputs=(x,))
+    assert sp.rnn_sparsify_report.verification == {"checked": ["<root>"], "reverted": {}}
+    real = SparseCellRegion.forward
+
+    def broken(self, *args):  # a wrong rewrite: the cell's output off by 1e-3
+        h, c = real(self, *args)
+        return h + 1e-3, c
+
+    monkeypatch.setattr(SparseCellRegion, "forward", broken)
+    with pytest.warns(RuntimeWarning, match="verification"):
+        sp = sparsify(m, GGS, example_inputs=(x,))
+    rep = sp.rnn_sparsify_report
+    assert "<root>" in rep.verification["reverted"] and "" not in rep.graph_rewrites
+    assert rep["cell"].handling == "skipped" and "verification" in rep["cell"].reason
+    assert rep["lstm"].handling == "module swap"
+    assert not any("rnn_sparsify_cell" in n for n, _ in sp.named_modules())
+    m.eval(), sp.eval()
+    assert torch.equal(sp(x), m(x))
