@@ -1,19 +1,30 @@
 """``sparsify(model, *configs)``: find every LSTM in a model and make it sparse.
 
-Pipeline (each step a pass of :mod:`rnn_sparsify.passes`), on a deep copy of the model:
+Pipeline (each step a pass of :mod:`rnn_sparsify.passes`), on one deep copy of the model
+(the caller's model and the global RNG are left as they were):
 
-1. ``trace_degrading``: fx-trace what can be traced, keep the rest opaque.
-2. ``find_lstms``: ``nn.LSTM``/``nn.LSTMCell`` (and subclasses) anywhere, hand-written
-   cells in traced graphs, TorchScript modules (skipped, with the reason).
-3. per traced module that needs it: ``rewrite_cell`` (hand-written cell -> sparse cell
+1. with ``example_inputs``: observe every module's calls (tokens; argument types and the
+   optional arguments never passed, which are traced as None); the copy's Python state is
+   restored afterwards.
+2. ``trace_degrading``: fx-trace what can be traced, keep the rest opaque (also a forward
+   that changes Python state while traced).
+3. ``find_lstms``: ``nn.LSTM``/``nn.LSTMCell`` (and subclasses) anywhere, hand-written
+   cells in traced graphs, TorchScript modules and LSTMs called as ``nn.LSTM.forward(self.x,
+   ...)`` (skipped, with the reason).
+4. ``swap_lstm``: each ``nn.LSTM`` re-classed in place as ``SparseLSTM`` (a subclass keeps
+   its own forward), with its weight sparsity (``WeightSparsity`` config).
+5. per traced module that needs it: ``rewrite_cell`` (hand-written cell -> sparse cell
    region) and ``fuse_dropout`` (dropout feeding an LSTM -> its structured NR dropout,
-   only when a ``StructuredDropout`` config is given); the module gets the new forward.
-4. ``swap_lstm``: ``nn.LSTM`` -> ``SparseLSTM`` (a subclass keeps its own forward).
-5. weight sparsity (``WeightSparsity`` config) attached to each swapped module.
+   only when a ``StructuredDropout`` config is given); the module gets the new forward,
+   behind a guard (``ForwardGuard``) that runs the original forward where the graph does
+   not apply.
+6. with ``example_inputs``: verification; a rewritten forward that changes the ``eval()``
+   outputs is undone.
 
-Configs are dispatched by type (one of each at most): ``StructuredDropout``,
-``GateGradientSparsity``, ``WeightSparsity``. The result carries a :class:`SparsifyReport`
-(``model.rnn_sparsify_report`` / :func:`get_report`).
+An error in step 4 or 5 skips that LSTM (or graph) with the error in the report and undoes
+what was done to it. Configs are dispatched by type (one of each at most):
+``StructuredDropout``, ``GateGradientSparsity``, ``WeightSparsity``. The result carries a
+:class:`SparsifyReport` (``model.rnn_sparsify_report`` / :func:`get_report`).
 """
 from __future__ import annotations
 
@@ -869,8 +880,10 @@ def sparsify(
         filter_fn: ``filter_fn(module, fqn) -> bool`` chooses the targets (the LSTM module,
             or for a hand-written cell the module that holds it); others are reported as
             skipped.
-        example_inputs: a tuple of inputs (or one tensor); run once in ``eval()`` under
-            ``no_grad`` to record how many tokens each LSTM sees (report FLOPs).
+        example_inputs: a tuple of inputs (or one tensor); run in ``eval()`` under
+            ``no_grad`` to record how many tokens each LSTM sees (report FLOPs), how each
+            module is called (its traced forward is specialised and guarded accordingly),
+            and to verify the rewritten forwards (see the module docstring).
 
     Returns the rewritten model with its :class:`SparsifyReport` as
     ``model.rnn_sparsify_report``. ``eval()`` gives the original numbers; ``state_dict()``
@@ -880,6 +893,8 @@ def sparsify(
         TypeError: unknown config type, or ``model`` is not a module.
         ValueError: two configs of one type; ``example_inputs`` that do not run.
         NoLSTMFoundError: nothing LSTM-like in the model.
+        RuntimeError: every LSTM that was tried failed with an error (listed); an error
+            while handling one LSTM otherwise only skips that LSTM (see the report).
     """
     with _rng_preserved(model):
         work, report = _run(model, configs, filter_fn, example_inputs, applied=True)
