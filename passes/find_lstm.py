@@ -27,7 +27,8 @@ from .match_cell import CellMatch, match_lstm_cells
 from .rewrite import base_forward_problem
 from .trace import TraceResult, is_lstm_like, is_scripted, is_sparse_region
 
-__all__ = ["LSTMSite", "find_lstms", "module_shapes", "display_fqn", "explicit_base_calls"]
+__all__ = ["LSTMSite", "find_lstms", "module_shapes", "display_fqn", "explicit_base_calls", "probable_layers",
+           "PROBABLE_LAYER"]
 
 
 def display_fqn(fqn: str) -> str:
@@ -101,6 +102,35 @@ def explicit_base_calls(model: nn.Module) -> dict[int, str]:
     return out
 
 
+_LAYER_HINTS = (re.compile(r"\bsigmoid\b"), re.compile(r"\btanh\b"),
+                re.compile(r"\.(chunk|split|narrow|unbind)\(|\[[^\]]*:[^\]]*\]"), re.compile(r"\bfor\b|\bwhile\b"))
+PROBABLE_LAYER = "hand-written LSTM layer (probable)"
+
+
+def probable_layers(model: nn.Module, tr: TraceResult, found: set[str]) -> list[LSTMSite]:
+    """Untraceable modules whose forward reads like a hand-written LSTM layer (a loop with
+    sigmoid, tanh and a gate split) and that hold no LSTM found otherwise: reported, since
+    they cannot be matched without a graph (capturing them by running them is not done)."""
+    out = []
+    for fqn, why in tr.opaque.items():
+        m = model.get_submodule(fqn)
+        if any(f == fqn or f.startswith(fqn + ".") if fqn else True for f in found):
+            continue
+        cls = getattr(type(m), "_rnn_sparsify_base", type(m))
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            continue
+        if all(p.search(src) for p in _LAYER_HINTS):
+            out.append(LSTMSite(
+                fqn, PROBABLE_LAYER, {}, f"untraceable: {why}", module=m,
+                refusal=("its forward reads like a hand-written LSTM layer (a time loop with sigmoid, tanh and gate "
+                         "slices) in code torch.fx cannot trace; it is not rewritten (no graph to match it in). Move "
+                         "the cell step into its own module (the loop outside it) so that it traces"),
+            ))
+    return out
+
+
 def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
     sites: list[LSTMSite] = []
     names: dict[int, list[str]] = {}
@@ -169,4 +199,5 @@ def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
                 module=model.get_submodule(fqn), graph_fqn=gfqn, node=r.anchor,
                 refusal=f"cell-shaped subgraph not matched: {r.reason}",
             ))
+    sites += probable_layers(model, tr, {s.fqn for s in sites})
     return sites

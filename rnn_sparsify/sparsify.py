@@ -476,6 +476,11 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
                 what = (f"re-classed as Sparse{name} (MRO Sparse{name} -> {name} -> {base}): its own forward "
                         f"is kept and its super().forward reaches {base}")
             e.reason = f"{what}; {s.location}"
+    from rnn_sparsify.passes.find_lstm import PROBABLE_LAYER
+
+    if sites and all(s.kind == PROBABLE_LAYER for s in sites):
+        raise NoLSTMFoundError("no LSTM that sparsify can rewrite; " + "; ".join(
+            f"{display_fqn(s.fqn)}: {s.refusal}" for s in sites))
     if not sites:
         raise NoLSTMFoundError(
             "no nn.LSTM, nn.LSTMCell, hand-written LSTM cell or TorchScript module found in the model"

@@ -451,3 +451,53 @@ def test_verification_undoes_a_rewrite_that_changes_eval_outputs(monkeypatch):
     assert not any("rnn_sparsify_cell" in n for n, _ in sp.named_modules())
     m.eval(), sp.eval()
     assert torch.equal(sp(x), m(x))
+
+
+# issue 10, item 4 (reporting only): a hand-written layer in untraceable code ------------------
+class LNLayer(nn.Module):
+    """A LayerNorm-LSTM layer looped in Python (issue 10, reproduction 3)."""
+
+    def __init__(self, inp=6, hidden=8):
+        super().__init__()
+        self.x2g = nn.Linear(inp, 4 * hidden)
+        self.p2g = nn.Linear(hidden, 4 * hidden, bias=False)
+        self.g_norm = nn.LayerNorm(4 * hidden)
+        self.c_norm = nn.LayerNorm(hidden)
+        self.hidden = hidden
+
+    def forward(self, x):
+        gated = self.x2g(x)
+        h = x.new_zeros(x.shape[1], self.hidden)
+        c = torch.zeros_like(h)
+        outs = []
+        for g in gated.unbind(0):
+            g = self.g_norm(g + self.p2g(h))
+            i, f, u, o = g.chunk(4, 1)
+            c = self.c_norm(f.sigmoid() * c + i.sigmoid() * u.tanh())
+            h = o.sigmoid() * c.tanh()
+            outs.append(h)
+        return torch.stack(outs)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = LNLayer()
+        self.lstm = nn.LSTM(8, 8)
+
+    def forward(self, x):
+        y = self.layer(x)
+        if y.mean() > 0:  # data-dependent control flow: the root does not trace
+            y = -y
+        return self.lstm(y)[0]
+
+
+def test_hand_written_layer_in_untraceable_code_is_reported_where_it_is():
+    from rnn_sparsify.sparsify import NoLSTMFoundError
+
+    sp = sparsify(DataDependent(), SD)
+    rep = sp.rnn_sparsify_report
+    assert rep["layer"].kind == "hand-written LSTM layer (probable)" and rep["layer"].handling == "skipped"
+    assert rep["lstm"].handling == "module swap"
+    with pytest.raises(NoLSTMFoundError, match="reads like a hand-written LSTM layer"):
+        sparsify(nn.Sequential(LNLayer()), SD)
