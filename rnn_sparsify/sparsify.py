@@ -828,6 +828,8 @@ def _rng_preserved(model):
 def _never_passed(model: nn.Module, signatures: dict[int, set]) -> dict[int, frozenset]:
     """Per observed module, the optional ``forward`` parameters (default None) that no call
     of the example inputs passed, or passed as None: traced as None."""
+    import inspect
+
     from rnn_sparsify.passes.rewrite import forward_params
 
     out: dict[int, frozenset] = {}
@@ -838,8 +840,6 @@ def _never_passed(model: nn.Module, signatures: dict[int, set]) -> dict[int, fro
         names, plain = forward_params(m)
         if not plain:
             continue
-        import inspect
-
         defaults = {n: p.default for n, p in inspect.signature(type(m).forward).parameters.items()}
         cand = {n for n in names if defaults.get(n, inspect.Parameter.empty) is None}
         for pos, kw in sigs:

@@ -9,7 +9,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rnn_sparsify import (
@@ -20,7 +19,6 @@ from rnn_sparsify import (
     SparseLSTMCell,
     StructuredDropout,
     WeightSparsity,
-    config_from_dict,
     sparsify,
 )
 from tests.fidelity import models as fm
