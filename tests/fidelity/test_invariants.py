@@ -198,3 +198,27 @@ def test_errors_equal(case, cfg):
     for mode in (True, False):
         model.train(mode), sp.train(mode)
         assert _error(sp, bad) == _error(model, bad), f"train={mode}"
+
+
+@pytest.mark.parametrize("cfg", sorted(CONFIGS))
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_state_dict_both_ways_and_a_finite_training_step(case, cfg):
+    model, inputs = _build(case)
+    sp = _sparsify(model, cfg)
+    assert list(sp.state_dict()) == list(model.state_dict())
+    other, _ = _build(case)  # same seed: same values; perturb to see the loads
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5)
+    sp.load_state_dict(other.state_dict(), strict=True)
+    model.load_state_dict(sp.state_dict(), strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+    sp.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = sum(t.float().pow(2).sum() for t in _tensors(sp(*inputs)) if t.is_floating_point())
+    loss.backward()
+    grads = [p.grad for p in sp.parameters() if p.requires_grad]
+    assert grads and all(g is not None and bool(torch.isfinite(g).all()) for g in grads if g is not None)
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
