@@ -14,6 +14,8 @@ sparse, a subclass whose forward bypasses ``super().forward``).
 """
 from __future__ import annotations
 
+import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,9 +25,10 @@ from rnn_sparsify.modules import SparseMixin
 
 from .match_cell import CellMatch, match_lstm_cells
 from .rewrite import base_forward_problem
-from .trace import TraceResult, is_lstm_like, is_scripted
+from .trace import TraceResult, is_lstm_like, is_scripted, is_sparse_region
 
-__all__ = ["LSTMSite", "find_lstms", "module_shapes", "display_fqn"]
+__all__ = ["LSTMSite", "find_lstms", "module_shapes", "display_fqn", "explicit_base_calls", "probable_layers",
+           "PROBABLE_LAYER"]
 
 
 def display_fqn(fqn: str) -> str:
@@ -76,6 +79,64 @@ def _join(a: str, b: str) -> str:
     return f"{a}.{b}" if a and b else (a or b)
 
 
+_EXPLICIT_BASE = re.compile(r"\b((?:nn\.)?(?:LSTM|LSTMCell|RNNBase|RNNCellBase)\.forward)\(\s*\w+\.(\w+)\b")
+
+
+def explicit_base_calls(model: nn.Module) -> dict[int, str]:
+    """LSTMs that some module's code runs as ``nn.LSTM.forward(self.<name>, ...)``: id -> reason.
+
+    Such a call names ``nn.LSTM.forward`` itself, so it runs the dense code whatever the
+    module's class is; no swap can reach it (it is not intercepted: doing so would mean
+    patching ``nn.LSTM.forward`` or ``torch._VF`` for every LSTM in the process). These
+    LSTMs are skipped with this reason instead of being reported as sparse.
+    """
+    out: dict[int, str] = {}
+    for fqn, m in model.named_modules():
+        cls = getattr(type(m), "_rnn_sparsify_base", type(m))
+        if cls.__module__.startswith("torch."):
+            continue
+        try:
+            src = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        for call, name in _EXPLICIT_BASE.findall(src):
+            sub = m._modules.get(name)
+            if isinstance(sub, (nn.LSTM, nn.LSTMCell)) and id(sub) not in out:
+                out[id(sub)] = (f"{display_fqn(fqn)} ({cls.__name__}) runs it as {call}(self.{name}, ...), which "
+                                f"calls the dense implementation by name and bypasses the sparse one; "
+                                f"call self.{name}(...) instead")
+    return out
+
+
+_LAYER_HINTS = (re.compile(r"\bsigmoid\b"), re.compile(r"\btanh\b"),
+                re.compile(r"\.(chunk|split|narrow|unbind)\(|\[[^\]]*:[^\]]*\]"), re.compile(r"\bfor\b|\bwhile\b"))
+PROBABLE_LAYER = "hand-written LSTM layer (probable)"
+
+
+def probable_layers(model: nn.Module, tr: TraceResult, found: set[str]) -> list[LSTMSite]:
+    """Untraceable modules whose forward reads like a hand-written LSTM layer (a loop with
+    sigmoid, tanh and a gate split) and that hold no LSTM found otherwise: reported, since
+    they cannot be matched without a graph (capturing them by running them is not done)."""
+    out = []
+    for fqn, why in tr.opaque.items():
+        m = model.get_submodule(fqn)
+        if any(f == fqn or f.startswith(fqn + ".") if fqn else True for f in found):
+            continue
+        cls = getattr(type(m), "_rnn_sparsify_base", type(m))
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            continue
+        if all(p.search(src) for p in _LAYER_HINTS):
+            out.append(LSTMSite(
+                fqn, PROBABLE_LAYER, {}, f"untraceable: {why}", module=m,
+                refusal=("its forward reads like a hand-written LSTM layer (a time loop with sigmoid, tanh and gate "
+                         "slices) in code torch.fx cannot trace; it is not rewritten (no graph to match it in). Move "
+                         "the cell step into its own module (the loop outside it) so that it traces"),
+            ))
+    return out
+
+
 def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
     sites: list[LSTMSite] = []
     names: dict[int, list[str]] = {}
@@ -83,6 +144,7 @@ def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
         names.setdefault(id(m), []).append(fqn)
     seen: set[int] = set()
     scripted_done: list[str] = []
+    explicit = explicit_base_calls(model)
     for fqn, m in model.named_modules():
         if any(fqn == s or fqn.startswith(s + ".") for s in scripted_done):
             continue
@@ -90,12 +152,22 @@ def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
             inner = [n or "<self>" for n, sub in m.named_modules()
                      if getattr(sub, "original_name", "") in ("LSTM", "LSTMCell")]
             kind = "TorchScript module" + (f" (compiled {getattr(m, 'original_name', '')})" if inner == ["<self>"] else "")
-            why = ("TorchScript module: its compiled code cannot be traced or rewritten; call sparsify on the "
-                   "eager module before torch.jit.script")
+            why = ("TorchScript module: its compiled code cannot be traced or rewritten; sparsify the eager "
+                   "module instead (the sparse modules train in eager mode and cannot themselves be scripted: "
+                   "script the original model for inference)")
             if inner and inner != ["<self>"]:
                 why += f" (contains LSTMs at {', '.join(inner)})"
             sites.append(LSTMSite(fqn, kind, {}, _location(tr, fqn), module=m, refusal=why))
             scripted_done.append(fqn)
+            continue
+        if is_sparse_region(m) and id(m) not in seen:
+            seen.add(id(m))
+            shapes = {"input_size": m.input_size, "hidden_size": m.hidden_size, "gate_order": m.gate_order}
+            sites.append(LSTMSite(
+                fqn, "hand-written cell (already sparse)", shapes, _location(tr, fqn), module=m,
+                refusal=(f"already sparse: rewritten by an earlier sparsify ({m.extra_repr()}); "
+                         "sparsify the original model again instead"),
+            ))
             continue
         if not is_lstm_like(m) or id(m) in seen:
             continue
@@ -105,6 +177,8 @@ def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
         refusal = None
         if isinstance(m, SparseMixin):
             refusal = f"already sparse ({type(m).__name__}); call to_dense() before sparsify again"
+        elif id(m) in explicit:
+            refusal = explicit[id(m)]
         elif type(m) not in (nn.LSTM, nn.LSTMCell):
             refusal = base_forward_problem(type(m))
         g = tr.graph_of(fqn)
@@ -134,4 +208,5 @@ def find_lstms(model: nn.Module, tr: TraceResult) -> list[LSTMSite]:
                          "can do: write it as the standard cell (4 gate slices, sigmoid i/f/o, tanh g, c' = f*c + i*g, "
                          "h' = o*tanh(c'); see docs/passes.md) or use nn.LSTMCell"),
             ))
+    sites += probable_layers(model, tr, {s.fqn for s in sites})
     return sites

@@ -17,7 +17,10 @@ hand-written cells (their ``x`` argument).
 Refused (reported, graph unchanged): the dropped tensor has other users (a residual would
 see a different tensor); the dropout is in place and its input has other users; the
 dropout is not element-wise (``Dropout1d/2d/3d``, ``AlphaDropout``, ``FeatureAlphaDropout``);
-the tensor reaches the LSTM as ``hx`` rather than as its input.
+the tensor reaches the LSTM as ``hx`` rather than as its input; a functional dropout whose
+``training`` is written as ``True`` (active in ``eval()`` too); the LSTM is called more than
+once (the caller refuses: its dropout config would apply to every call). A functional dropout
+with ``training=False`` is no dropout and is left as written.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
+
+from .trace import is_dynamic_dropout
 
 __all__ = ["DropoutFeed", "DropoutRefusal", "find_dropout_feeds", "fuse_dropout"]
 
@@ -81,6 +86,12 @@ def _dropout_info(gm: fx.GraphModule, node: fx.Node) -> Union[None, str, tuple[f
         else:
             p = a[1] if len(a) > 1 else node.kwargs.get("p")
             inplace = False
+        if not is_dynamic_dropout(node):
+            flag = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+            if not flag:
+                return None  # training=False: the identity, not a dropout; left as written
+            return (f"{node.name}: training=True is written in the call, so it is active in eval() too "
+                    "(structured dropout is training-only)")
         if not isinstance(p, (int, float)):
             return f"{node.name}: dropout probability is not a constant"
         return float(p), bool(inplace), ("F.dropout" if node.target is F.dropout else "torch.dropout")

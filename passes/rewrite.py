@@ -20,7 +20,9 @@ Three mechanisms, all keeping the user's classes, parameter names and ``state_di
   rearranged into PyTorch's ``(i, f, g, o)`` layout (cells without normalisation), or, for
   normalised cells, the original subgraph with structured dropout applied as gather-K (only
   the kept columns of ``x``/``h`` and of the weights enter the GEMMs).
-* :func:`swap_lstm` replaces ``nn.LSTM``/``nn.LSTMCell`` by ``SparseLSTM``/``SparseLSTMCell``.
+* :func:`swap_lstm` re-classes an ``nn.LSTM``/``nn.LSTMCell`` in place as
+  ``SparseLSTM``/``SparseLSTMCell`` (same object: hooks, attributes, tied weights,
+  ``requires_grad`` and every other reference to it are kept).
   A user *subclass* keeps its own ``forward``: its class becomes
   ``type("Sparse<Name>", (UserClass, SparseLSTM))`` whose MRO is
   ``Sparse<Name> -> UserClass -> SparseLSTM -> SparseMixin -> nn.LSTM``, so the user's
@@ -36,6 +38,7 @@ from __future__ import annotations
 import functools
 import operator
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -56,6 +59,9 @@ __all__ = [
     "install_graph_forward",
     "dynamic_class",
     "base_forward_problem",
+    "ForwardGuard",
+    "guard_for",
+    "forward_params",
 ]
 
 
@@ -74,11 +80,165 @@ class _Rebuildable:
         return dict(super().__getstate__())  # RNNBase drops its weakrefs here
 
 
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class ForwardGuard:
+    """What a traced graph assumed, checked on every call of the installed forward.
+
+    * ``params``: the forward's parameters in order (``()`` when it takes ``*args`` or
+      ``**kwargs``: then no argument is checked). ``nones``: those traced as None because the
+      ``example_inputs`` never passed them (fx specialises them: ``if hx is None:`` took the
+      "None" branch); every other parameter was traced as given (fx traces an argument as a
+      tensor, so ``if hx is None:`` took the "given" branch) and must be given, not None.
+    * ``types``: ``(parameter, type)`` for the parameters the ``example_inputs`` passed with
+      one type only (``isinstance(x, PackedSequence)`` is traced as False).
+    * ``attrs``: ``(module path relative to the owner, attribute, value)`` of every plain
+      (bool/int/float/str/None) attribute of the owner and of the modules its graph inlines
+      or calls, as they were when traced: a ``use_head`` flag read by an ``if`` was baked in.
+    * ``fused``: ``(module path, StructuredDropout without the fused dropout)`` of LSTMs that
+      took over a dropout of this graph; the original forward runs that dropout itself.
+
+    When a check fails the original forward runs instead (a one-time warning says why): the
+    same numbers as the original model, only the graph's rewrites (hand-written cells on the
+    sparse path, dropout fusion) are lost for that call.
+    """
+
+    params: tuple[str, ...]
+    attrs: tuple[tuple[str, str, Any], ...]
+    fused: tuple[tuple[str, Any], ...] = ()
+    types: tuple[tuple[str, type], ...] = ()
+    nones: frozenset = frozenset()
+
+    def bind(self, owner: nn.Module, args: tuple, kwargs: dict) -> tuple[Optional[str], tuple]:
+        """(why the graph does not apply, or None; the arguments in ``params`` order)."""
+        ordered = args
+        if self.params:
+            if len(args) > len(self.params):
+                return f"called with {len(args)} positional arguments, traced with {len(self.params)}", ()
+            given = dict(zip(self.params, args))
+            for k, v in kwargs.items():
+                if k not in self.params or k in given:
+                    return f"unexpected or repeated keyword argument {k!r}", ()
+                given[k] = v
+            for name in self.params:
+                value = given.get(name)
+                if name in self.nones:
+                    if value is not None:
+                        return (f"argument {name!r} is given; the example inputs never passed it and the graph "
+                                "was traced with it None"), ()
+                elif value is None:
+                    how = "None" if name in given else "not given"
+                    return f"argument {name!r} is {how} (the graph was traced with it given)", ()
+            for name, t in self.types:
+                if type(given[name]) is not t:
+                    return (f"argument {name!r} is a {type(given[name]).__name__}; the example inputs called it "
+                            f"with a {t.__name__}"), ()
+            ordered = tuple(given.get(n) for n in self.params)
+        elif kwargs:
+            return "keyword arguments to a forward traced with *args", ()
+        for path, attr, value in self.attrs:
+            mod = owner.get_submodule(path) if path else owner
+            cur = mod.__dict__.get(attr, _MISSING)
+            if not (cur is value or (type(cur) is type(value) and cur == value)):
+                where = f"{path}.{attr}" if path else attr
+                now = "deleted" if cur is _MISSING else repr(cur)
+                return f"attribute {where} is {now}, it was {value!r} when the forward was traced", ()
+        return None, ordered
+
+    def describe(self) -> str:
+        what = []
+        given = [p for p in self.params if p not in self.nones]
+        if given:
+            what.append(f"{', '.join(given)} is None or omitted")
+        if self.nones:
+            what.append(f"{', '.join(sorted(self.nones))} is given (traced as None)")
+        if self.types:
+            what.append(f"an argument's type differs from the example inputs' ({', '.join(n for n, _ in self.types)})")
+        if self.attrs:
+            what.append(f"one of {len(self.attrs)} plain attributes changes")
+        return "guarded: runs the original forward if " + " or ".join(what) if what else "unguarded"
+
+
+# attributes the sparse modules update themselves while running (not the user's state)
+_RUNTIME_ATTRS = frozenset({"last_path", "last_backend", "gate_sparsity_enabled", "force_sparse_path", "record_plans"})
+
+
+def forward_params(module: nn.Module) -> tuple[tuple[str, ...], bool]:
+    """The parameter names of ``module.forward`` (without self) and whether it is plain
+    (no ``*args``/``**kwargs``, no keyword-only parameters)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(type(module).forward)
+    except (TypeError, ValueError):
+        return (), False
+    ps = list(sig.parameters.values())[1:]
+    plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY) for p in ps)
+    return tuple(p.name for p in ps), plain
+
+
+def guard_for(module: nn.Module, graph: fx.Graph, covered: list[str], fused: tuple = (),
+              signatures: Optional[set] = None, nones: frozenset = frozenset()) -> ForwardGuard:
+    """The :class:`ForwardGuard` of ``graph`` traced from ``module``; ``covered`` are the
+    paths (relative to ``module``) of the submodules whose code the graph inlines or calls,
+    ``fused`` the ``(path, StructuredDropout)`` of LSTMs that took over one of its dropouts,
+    ``signatures`` the argument types ``module`` was called with on the example inputs,
+    ``nones`` the parameters traced as None."""
+    params, plain = forward_params(module)
+    n_ph = sum(1 for n in graph.nodes if n.op == "placeholder")
+    if not plain or n_ph != len(params):
+        params, nones = (), frozenset()
+    seen: dict[str, set] = {}
+    for pos, kw in signatures or ():
+        for name, t in (*zip(params, pos), *kw):
+            seen.setdefault(name, set()).add(t)
+    types = tuple((n, next(iter(ts))) for n, ts in seen.items()
+                  if n in params and n not in nones and len(ts) == 1 and next(iter(ts)) is not type(None))
+    attrs = []
+    for path in dict.fromkeys([""] + list(covered)):
+        mod = module.get_submodule(path) if path else module
+        for k, v in vars(mod).items():
+            if k.startswith("_") or k == "training" or k in _RUNTIME_ATTRS:
+                continue
+            if isinstance(v, (bool, int, float, str, type(None))):
+                attrs.append((path, k, v))
+    return ForwardGuard(params, tuple(attrs), tuple(fused), types, frozenset(nones))
+
+
 class _GraphForward(_Rebuildable):
-    """``forward`` is the code of a rewritten fx graph, compiled per instance."""
+    """``forward`` is the code of a rewritten fx graph, compiled per instance, behind its
+    :class:`ForwardGuard` (the original forward runs when the guard fails)."""
 
     def forward(self, *args, **kwargs):
+        if self.__dict__.get("_rnn_sparsify_force_original"):  # sparsify's verification pass
+            return self._rnn_sparsify_base.forward(self, *args, **kwargs)
+        guard = self.__dict__.get("_rnn_sparsify_guard")
+        if guard is not None:
+            why, ordered = guard.bind(self, args, kwargs)
+            if why is not None:
+                return self._rnn_sparsify_original_forward(why, guard, args, kwargs)
+            if guard.params:  # positionally: fx may have renamed a specialised parameter
+                return self.__dict__["_rnn_sparsify_fwd"](self, *ordered)
         return self.__dict__["_rnn_sparsify_fwd"](self, *args, **kwargs)
+
+    def _rnn_sparsify_original_forward(self, why: str, guard: ForwardGuard, args, kwargs):
+        if not self.__dict__.get("_rnn_sparsify_warned"):
+            self.__dict__["_rnn_sparsify_warned"] = True
+            warnings.warn(f"rnn_sparsify: {type(self).__name__}: {why}; running its original forward "
+                          "(its rewrites, hand-written cells on the sparse path and fused dropouts, do not apply "
+                          "to such calls)", stacklevel=3)
+        saved = []
+        try:
+            for path, sd in guard.fused:
+                mod = self.get_submodule(path)
+                saved.append((mod, mod.structured_dropout))
+                mod.structured_dropout = sd
+            return self._rnn_sparsify_base.forward(self, *args, **kwargs)
+        finally:
+            for mod, sd in saved:
+                mod.structured_dropout = sd
 
     def __getstate__(self):
         state = dict(super().__getstate__())
@@ -123,18 +283,22 @@ def dynamic_class(base: type, kind: str) -> type:
     """The dynamic subclass of ``base`` for ``kind`` in {"graph", "lstm", "cell"} (cached)."""
     if kind == "graph":
         bases, name = (_GraphForward, base), base.__name__
+    # _Rebuildable last: first, it would make CPython pick another instance layout for
+    # classes whose MRO starts with an ABC (``class M(ABC, nn.RNNBase)``), and __class__
+    # assignment would be refused; nn.Module defines no __reduce_ex__, so it is still found
     elif kind == "lstm":
-        bases, name = (_Rebuildable, base, SparseLSTM), f"Sparse{base.__name__}"
+        bases, name = (base, SparseLSTM, _Rebuildable), f"Sparse{base.__name__}"
     elif kind == "cell":
-        bases, name = (_Rebuildable, base, SparseLSTMCell), f"Sparse{base.__name__}"
+        bases, name = (base, SparseLSTMCell, _Rebuildable), f"Sparse{base.__name__}"
     else:
         raise ValueError(f"unknown dynamic class kind {kind!r}")
     return type(name, bases, {"__module__": base.__module__, "__qualname__": name,
                               "_rnn_sparsify_base": base, "_rnn_sparsify_kind": kind})
 
 
-def install_graph_forward(module: nn.Module, graph: fx.Graph) -> nn.Module:
-    """Make ``graph`` (traced from ``module``) the forward of ``module``, in place.
+def install_graph_forward(module: nn.Module, graph: fx.Graph, guard: Optional[ForwardGuard] = None) -> nn.Module:
+    """Make ``graph`` (traced from ``module``) the forward of ``module``, in place, behind
+    ``guard`` (see :class:`ForwardGuard`; None: unguarded).
 
     The graph's code reads ``self.<submodule>`` / ``self.<param>`` on ``module`` at every
     call, so later module swaps, ``.to()`` and ``load_state_dict`` are seen.
@@ -148,6 +312,7 @@ def install_graph_forward(module: nn.Module, graph: fx.Graph) -> nn.Module:
     module.__dict__["_rnn_sparsify_globals"] = dict(code.globals)
     module.__dict__.pop("_rnn_sparsify_import_block", None)
     module.__dict__["_rnn_sparsify_fwd"] = _compile(code.src, code.globals)
+    module.__dict__["_rnn_sparsify_guard"] = guard
     return module
 
 
@@ -178,19 +343,37 @@ def base_forward_problem(cls: type) -> Optional[str]:
 
 def swap_lstm(m: nn.Module, structured_dropout: Optional[StructuredDropout],
               gate_sparsity: Optional[GateGradientSparsity]) -> nn.Module:
-    """The sparse replacement of ``m`` (a new module for nn.LSTM/LSTMCell; ``m`` itself,
-    re-classed, for a user subclass). Raises ValueError if a config does not fit ``m``."""
-    if type(m) is nn.LSTM:
-        return SparseLSTM.from_dense(m, structured_dropout, gate_sparsity)
-    if type(m) is nn.LSTMCell:
-        return SparseLSTMCell.from_dense(m, structured_dropout, gate_sparsity)
+    """Make ``m`` sparse *in place* and return it: its class becomes ``SparseLSTM`` /
+    ``SparseLSTMCell`` (or, for a user subclass, ``Sparse<Name>``, see the module docstring).
+
+    The object stays the same, so everything the user attached to it is kept: parameters
+    (with their ``requires_grad``), hooks, custom attributes, weights tied to other modules,
+    every other reference to it (a plain Python list, another attribute). Only the configs
+    are added (and ``dropout`` is set to 0 when ``structured_dropout.p_input > 0`` replaces
+    it, as :meth:`SparseLSTM.from_dense` does). Raises ValueError if a config does not fit.
+    """
     if isinstance(m, SparseMixin):
         raise ValueError(f"{type(m).__name__} is already sparse")
     is_lstm = isinstance(m, nn.LSTM)
     check_configs(structured_dropout, gate_sparsity, m.hidden_size, type(m).__name__)
+    if type(m) is nn.LSTM:
+        new_cls = SparseLSTM
+    elif type(m) is nn.LSTMCell:
+        new_cls = SparseLSTMCell
+    else:
+        try:
+            new_cls = dynamic_class(type(m), "lstm" if is_lstm else "cell")
+        except TypeError as e:  # e.g. a metaclass or base that cannot be combined
+            raise ValueError(f"cannot build a sparse subclass of {type(m).__name__}: {e}") from e
+    old_dropout = getattr(m, "dropout", None)
     if is_lstm and structured_dropout is not None and structured_dropout.p_input > 0:
         m.dropout = 0.0  # NR dropout replaces the inter-layer dropout (as SparseLSTM.from_dense)
-    m.__class__ = dynamic_class(type(m), "lstm" if is_lstm else "cell")
+    try:
+        m.__class__ = new_cls
+    except TypeError as e:  # an instance layout the sparse class cannot share (__slots__ ...)
+        if is_lstm:
+            m.dropout = old_dropout
+        raise ValueError(f"cannot re-class {type(m).__name__} as {new_cls.__name__}: {e}") from e
     m._init_sparse(structured_dropout, gate_sparsity)
     return m
 
@@ -227,7 +410,19 @@ class SparseCellRegion(nn.Module):
         self.canonical = canonical
         self.structured_dropout: Optional[StructuredDropout] = None
         self.gate_sparsity: Optional[GateGradientSparsity] = None
+        self.gate_sparsity_enabled = True
         self.last_path: Optional[str] = None
+
+    _rnn_sparsify_leaf = True  # traced as one call (never re-matched as a hand-written cell)
+
+    def set_gate_sparsity_phase(self, sparse: bool) -> None:
+        """Dense/sparse phase switch for gate-gradient sparsity (``DenseAfterSparse``)."""
+        self.gate_sparsity_enabled = bool(sparse)
+
+    @property
+    def active_gate_sparsity(self) -> Optional[GateGradientSparsity]:
+        on = self.__dict__.get("gate_sparsity_enabled", True)
+        return self.gate_sparsity if (self.gate_sparsity is not None and on) else None
 
     def configure(self, structured_dropout, gate_sparsity) -> None:
         if gate_sparsity is not None and self.canonical is None:
@@ -248,10 +443,17 @@ class SparseCellRegion(nn.Module):
 
     def _wants_sparse_path(self) -> bool:
         sd = self.structured_dropout
-        return self.training and ((sd is not None and sd.active) or self.gate_sparsity is not None)
+        return self.training and ((sd is not None and sd.active) or self.active_gate_sparsity is not None)
+
+    def _fits(self, x, h, c) -> bool:
+        """The shapes the sparse path assumes: ``x (..., I)``, ``h``/``c`` ``(..., H)``, one
+        leading shape. Anything else runs the original code, which raises the original's
+        error (or computes what the original computes, e.g. by broadcasting)."""
+        return (x.dim() >= 1 and x.shape[-1] == self.input_size and h.shape == c.shape
+                and h.shape[-1] == self.hidden_size and x.shape[:-1] == h.shape[:-1])
 
     def forward(self, x, h, c, *params):
-        if not self._wants_sparse_path():
+        if not self._wants_sparse_path() or not self._fits(x, h, c):
             self.last_path = "dense"
             return self.dense(x, h, c, *params)
         self.last_path = "sparse"
@@ -307,7 +509,7 @@ class SparseCellRegion(nn.Module):
     def _as_lstm_cell(self, x, h, c, params):
         p = self.lstm_cell_params(params)
         cell = self._template("bias_ih" in p)
-        cell.structured_dropout, cell.gate_sparsity = self.structured_dropout, self.gate_sparsity
+        cell.structured_dropout, cell.gate_sparsity = self.structured_dropout, self.active_gate_sparsity
         cell.train(self.training)
         lead = x.shape[:-1]
         x2, h2, c2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), c.reshape(-1, c.shape[-1])

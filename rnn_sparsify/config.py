@@ -8,8 +8,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+
+def plain_scalar(value: Any) -> Any:
+    """``value`` as a Python ``int``/``float`` if it is a numeric scalar of another type
+    (``np.float32(0.5)``, ``np.int64(4)``), else unchanged. Configs store plain numbers so
+    that every numeric type is accepted alike and ``to_dict`` stays JSON-serialisable."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def normalise_scalars(obj: Any, names: tuple[str, ...]) -> None:
+    """Replace the fields ``names`` of a frozen dataclass by :func:`plain_scalar` of them."""
+    for name in names:
+        object.__setattr__(obj, name, plain_scalar(getattr(obj, name)))
 
 
 def _check_prob(cls: str, name: str, value: float, *, allow_one: bool = False) -> None:
@@ -66,6 +86,7 @@ class StructuredDropout:
     kind: ClassVar[str] = "structured_dropout"
 
     def __post_init__(self) -> None:
+        normalise_scalars(self, ("p_input", "p_recurrent"))
         _check_prob("StructuredDropout", "p_input", self.p_input)
         _check_prob("StructuredDropout", "p_recurrent", self.p_recurrent)
 
@@ -123,6 +144,7 @@ class GateGradientSparsity:
     kind: ClassVar[str] = "gate_gradient_sparsity"
 
     def __post_init__(self) -> None:
+        normalise_scalars(self, ("P", "R", "S", "My", "Mx", "K", "keep"))
         cls = "GateGradientSparsity"
         if self.mode not in _GGS_MODES:
             raise ValueError(f"{cls}.mode must be one of {_GGS_MODES}, got {self.mode!r}")
@@ -200,7 +222,7 @@ def config_from_dict(d: dict[str, Any]):
     """Inverse of ``cfg.to_dict()``."""
     d = dict(d)
     kind = d.pop("kind", None)
-    if kind == "weight_sparsity" and kind not in CONFIG_TYPES:
+    if kind not in CONFIG_TYPES:
         from . import weight_sparsity  # noqa: F401  (registers WeightSparsity on import)
     if kind not in CONFIG_TYPES:
         raise ValueError(f"unknown config kind {kind!r}; known: {sorted(CONFIG_TYPES)}")

@@ -46,6 +46,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import gate_selection as gs
 from .config import GateGradientSparsity, kept_count
+from .input_checks import check_lstm_cell_args, check_lstm_packed, check_lstm_sequence
 from .kernels.layer import LayerProblem, as_layer_backend, select_layer_backend
 
 
@@ -327,6 +328,7 @@ def sparse_lstm_forward(mod, input, hx=None):
     sorted_indices = unsorted_indices = None
     batch_sizes = None
     if is_packed:
+        check_lstm_packed(mod, input, hx)  # nn.LSTM's own errors and messages
         data, bs_t, sorted_indices, unsorted_indices = input
         batch_sizes = [int(b) for b in bs_t]
         if hx is not None:
@@ -360,6 +362,7 @@ def sparse_lstm_forward(mod, input, hx=None):
         if mod.batch_first:
             x = x.transpose(0, 1)
 
+    check_lstm_sequence(x)  # nn.LSTM's own error for an empty sequence
     T, B = x.shape[0], x.shape[1]
     D = 2 if mod.bidirectional else 1
     Hout = mod.proj_size if mod.proj_size > 0 else mod.hidden_size
@@ -381,6 +384,9 @@ def sparse_lstm_forward(mod, input, hx=None):
         in_idx, in_scale = None, 1.0
         if sd is not None and sd.p_input > 0:
             in_idx, in_scale = draw_kept_units(T, layer_input.shape[-1], sd.p_input, x.device)
+        elif layer > 0 and mod.dropout > 0 and is_packed:  # on the packed rows, as _VF.lstm draws it
+            layer_input = layer_input.new_zeros(layer_input.shape).index_put(
+                (active,), F.dropout(layer_input[active], mod.dropout, training=True))
         elif layer > 0 and mod.dropout > 0:
             layer_input = F.dropout(layer_input, mod.dropout, training=True)
         outs = []
@@ -435,6 +441,7 @@ def sparse_lstm_forward(mod, input, hx=None):
 
 def sparse_lstm_cell_forward(mod, input: Tensor, hx=None):
     """``nn.LSTMCell.forward`` semantics: one step of the layer Function (T = 1)."""
+    check_lstm_cell_args(mod, input, hx)  # nn.LSTMCell's own errors and messages
     if input.dim() not in (1, 2):
         raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
     if hx is not None and (hx[0].dim() not in (1, 2) or hx[1].dim() not in (1, 2)):

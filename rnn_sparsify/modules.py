@@ -43,15 +43,25 @@ def check_configs(structured_dropout, gate_sparsity, hidden_size: int, owner: st
         gate_sparsity.validate_for(hidden_size, owner)
 
 
+def _copy_flags(src: nn.Module, dst: nn.Module) -> None:
+    """``requires_grad`` of every parameter (a frozen LSTM stays frozen) and the train mode."""
+    own = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        if name in own:
+            own[name].requires_grad_(p.requires_grad)
+    dst.train(src.training)
+
+
 def _copy_state(src: nn.Module, dst: nn.Module) -> None:
-    """Copy parameters, weight-sparsity masks (if any) and train mode from ``src`` to ``dst``."""
+    """Copy parameters, weight-sparsity masks (if any), ``requires_grad`` flags and train mode
+    from ``src`` to ``dst``."""
     ws = getattr(src, "weight_sparsity", None)
     if ws is not None:
         from .weight_sparsity import attach_weight_sparsity
 
         attach_weight_sparsity(dst, ws)  # registers the mask buffers; the load below fills them
     dst.load_state_dict(src.state_dict())
-    dst.train(src.training)
+    _copy_flags(src, dst)
 
 
 def _load_parameters(dst: nn.Module, src: nn.Module) -> None:
@@ -192,7 +202,7 @@ class SparseLSTM(SparseMixin, nn.LSTM):
             dtype=w.dtype,
         )
         _load_parameters(dense, self)
-        dense.train(self.training)
+        _copy_flags(self, dense)
         return dense
 
     def extra_repr(self) -> str:
@@ -257,7 +267,7 @@ class SparseLSTMCell(SparseMixin, nn.LSTMCell):
         w = self.weight_ih
         dense = nn.LSTMCell(self.input_size, self.hidden_size, bias=self.bias, device=w.device, dtype=w.dtype)
         _load_parameters(dense, self)
-        dense.train(self.training)
+        _copy_flags(self, dense)
         return dense
 
     def extra_repr(self) -> str:

@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from .config import register_config
+from .config import normalise_scalars, register_config
 
 __all__ = [
     "WeightSparsity",
@@ -111,6 +111,17 @@ def gradual_theta(q, start_itr: int, ramp_itr: int, end_itr: int, freq: int):
     i.e. about ``q``: weights below the ``q`` percentile end up pruned.
     """
     return 2.0 * q * freq / (2.0 * (ramp_itr - start_itr) + 3.0 * (end_itr - ramp_itr))
+
+
+_MAX_PAPER_END_RATIO = 1.1
+
+
+def paper_end_ratio(start_itr: int, ramp_itr: int, end_itr: int) -> float:
+    """Final threshold of the paper's heuristic divided by ``q``: ``(2 (R+1) + 3 (E+1)) /
+    (2 R + 3 E)`` with ``R = ramp - start``, ``E = end - ramp``. The "+1" of each segment makes
+    it exceed 1; near 1 for long schedules (1.05 for R = E = 20), 1.5 for R = E = 2."""
+    R, E = ramp_itr - start_itr, end_itr - ramp_itr
+    return (2.0 * (R + 1) + 3.0 * (E + 1)) / (2.0 * R + 3.0 * E)
 
 
 def gradual_threshold(itr: int, theta, phi, start_itr: int, ramp_itr: int, freq: int):
@@ -265,6 +276,8 @@ class WeightSparsity:
 
     # -- validation -----------------------------------------------------------------------
     def __post_init__(self) -> None:
+        normalise_scalars(self, ("total_steps", "target_sparsity", "seed", "start_itr", "ramp_itr", "end_itr", "freq",
+                                 "theta", "phi", "q_percentile", "steps_per_epoch", "update_every", "prune_rate"))
         c = "WeightSparsity"
         if self.method not in _METHODS:
             raise ValueError(f"{c}.method must be one of {_METHODS}, got {self.method!r}")
@@ -351,6 +364,16 @@ class WeightSparsity:
             raise ValueError(
                 f"{c}.end_itr must be <= total_steps={self.total_steps}, got {end}"
             )
+        if self.target_sparsity is None and self.theta is None:
+            r = paper_end_ratio(start, ramp, end)
+            if r > _MAX_PAPER_END_RATIO:
+                raise ValueError(
+                    f"{c}: the schedule start_itr={start}, ramp_itr={ramp}, end_itr={end}{derived} is too short for "
+                    f"the paper's threshold heuristic (no target_sparsity): its final threshold would be {r:.2f}x "
+                    f"the {self.q_percentile:g}th percentile of the weights, which prunes far more than "
+                    f"{self.q_percentile:g}% (every weight, for total_steps of a few dozen). Set target_sparsity, "
+                    "or a longer schedule (end_itr - start_itr of 50 steps or more), or theta/phi yourself"
+                )
 
     def _check_dst(self, c: str) -> None:
         if self.target_sparsity is None:
@@ -557,6 +580,12 @@ def _install_grad_hooks(module: nn.Module) -> None:
         _GRAD_HOOKS[key] = (ref, p.register_hook(_make_grad_hook(module, mat.name + MASK_SUFFIX)))
 
 
+def _install_grad_hooks_pre_forward(module: nn.Module, args) -> None:
+    """Forward pre-hook: a parameter unfrozen after the masks were attached gets its mask
+    gradient hook before the forward that produces its gradient."""
+    _install_grad_hooks(module)
+
+
 def _remove_grad_hooks(module: nn.Module) -> None:
     for mat in _masked_matrices(module):
         p = getattr(module, mat.name)
@@ -597,12 +626,26 @@ def _apply_masks_to_weights(module: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------
 # attach / detach
 # ---------------------------------------------------------------------------------------
+def check_weight_sparsity_fits(module: nn.Module, config: WeightSparsity) -> list[_Matrix]:
+    """The matrices ``config`` masks in ``module``; ValueError if it selects none or its
+    ``block`` does not tile one of them."""
+    mats = [m for m in _lstm_matrices(module) if m.kind in config.weights]
+    if not mats:
+        raise ValueError(
+            f"WeightSparsity.weights={config.weights} selects no weight matrix of "
+            f"{type(module).__name__} (it has {[m.name for m in _lstm_matrices(module)]})"
+        )
+    _validate_blocks(module, mats, config)
+    return mats
+
+
 def attach_weight_sparsity(module: nn.Module, config: WeightSparsity, *, name: str = "") -> None:
     """Give an ``nn.LSTM`` / ``nn.LSTMCell`` (or ``SparseLSTM`` / ``SparseLSTMCell``) weight masks.
 
     Registers a bool buffer ``<param>_mask`` per selected weight matrix (state_dict keys
     ``weight_ih_l0_mask``, ...), zeroes the masked weights, installs gradient hooks that zero
-    their gradients, and load-state-dict hooks (a checkpoint without mask keys loads: the
+    their gradients (a forward pre-hook also installs them for a parameter unfrozen later,
+    before its first gradient), and load-state-dict hooks (a checkpoint without mask keys loads: the
     masks are taken from its non-zero weights). Gradual: masks start all ones. DST: the
     initial sparse topology (uniform or Erdos-Renyi) is drawn from a generator seeded with
     ``config.seed`` and ``name`` (pass the module's qualified name so two LSTMs of one model
@@ -623,13 +666,7 @@ def attach_weight_sparsity(module: nn.Module, config: WeightSparsity, *, name: s
             f"{type(module).__name__} already has weight sparsity {existing}; "
             "call detach_weight_sparsity(module) before attaching another config"
         )
-    mats = [m for m in _lstm_matrices(module) if m.kind in config.weights]
-    if not mats:
-        raise ValueError(
-            f"WeightSparsity.weights={config.weights} selects no weight matrix of "
-            f"{type(module).__name__} (it has {[m.name for m in _lstm_matrices(module)]})"
-        )
-    _validate_blocks(module, mats, config)
+    mats = check_weight_sparsity_fits(module, config)
     device = getattr(module, mats[0].name).device
     for mat, bm in zip(mats, _initial_block_masks(mats, config, device, name)):
         b = _Blocks(mat, config.block, config.per_gate)
@@ -638,6 +675,7 @@ def attach_weight_sparsity(module: nn.Module, config: WeightSparsity, *, name: s
     module._weight_sparsity_params = tuple(m.name for m in mats)
     module._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
     module.register_load_state_dict_post_hook(_load_post_hook)
+    module.register_forward_pre_hook(_install_grad_hooks_pre_forward)
     _apply_masks_to_weights(module)
     _install_grad_hooks(module)
 
@@ -656,6 +694,9 @@ def detach_weight_sparsity(module: nn.Module) -> None:
     for k, h in list(module._load_state_dict_post_hooks.items()):
         if h is _load_post_hook:
             del module._load_state_dict_post_hooks[k]
+    for k, h in list(module._forward_pre_hooks.items()):
+        if h is _install_grad_hooks_pre_forward:
+            del module._forward_pre_hooks[k]
     del module.weight_sparsity
     del module._weight_sparsity_params
 
@@ -845,6 +886,14 @@ class GradualPruningScheduler(_MaskScheduler):
                 eps = r * _quantile(s, cfg.target_sparsity)
                 new = old & (s >= eps[:, None])
             self.last_thresholds[key] = eps
+            emptied = (~new.any(dim=1)) & old.any(dim=1)
+            if bool(emptied.any()):
+                what = mat.name + (f" (gate {'ifgo'[int(emptied.nonzero()[0])]})" if b.G > 1 else "")
+                raise ValueError(
+                    f"GradualPruningScheduler: the update after step {step} would prune every weight of {fqn or '<root>'}."
+                    f"{what} (threshold {float(eps.max()):.4g}); refusing. Lower the sparsity (target_sparsity, theta, phi, "
+                    "q_percentile) or lengthen the schedule"
+                )
             if not torch.equal(new, old):
                 mask.copy_(b.expand(new))
                 changed = True

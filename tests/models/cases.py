@@ -407,7 +407,7 @@ CASES: tuple[ModelCase, ...] = (
               (Expect("cell", "hand-written cell", REWRITE, ("gate-gradient sparsity not applied", "layernorm_c")),),
               rewritten=("cell",), untraceable=("",)),
     ModelCase("torchscript_submodule", make_scripted,
-              (Expect("enc", "TorchScript module", SKIP, ("TorchScript", "before torch.jit.script")),
+              (Expect("enc", "TorchScript module", SKIP, ("TorchScript", "sparsify the eager module")),
                Expect("dec", "nn.LSTM", SWAP))),
     ModelCase("proj_size", make_proj, (Expect("lstm", "nn.LSTM", SWAP),)),
     ModelCase("bidirectional_multilayer", make_bistack, (Expect("lstm", "nn.LSTM", SWAP),)),

@@ -112,3 +112,22 @@ def test_graph_rewritten_module_keeps_class_methods_and_follows_to():
     buf.seek(0)
     cell2 = torch.load(buf, weights_only=False)
     assert type(cell2).__name__ == "CellIFGO" and "_rnn_sparsify_fwd" in cell2.__dict__
+
+
+def test_forward_guard_binds_by_signature_and_names_what_differs():
+    from rnn_sparsify.passes.rewrite import ForwardGuard
+
+    owner = nn.Module()
+    owner.use_head = True
+    g = ForwardGuard(("x", "hx", "lengths"), (("", "use_head", True),), types=(("x", torch.Tensor),),
+                     nones=frozenset({"lengths"}))
+    x = torch.zeros(1)
+    assert g.bind(owner, (x, 1), {}) == (None, (x, 1, None))
+    assert g.bind(owner, (x,), {"hx": 2}) == (None, (x, 2, None))
+    assert "'hx' is not given" in g.bind(owner, (x,), {})[0]
+    assert "'hx' is None" in g.bind(owner, (x, None), {})[0]
+    assert "'lengths' is given" in g.bind(owner, (x, 1, 3), {})[0]
+    assert "'x' is a list" in g.bind(owner, ([1], 1), {})[0]
+    assert "repeated keyword" in g.bind(owner, (x, 1), {"x": x})[0]
+    owner.use_head = False
+    assert "use_head is False" in g.bind(owner, (x, 1), {})[0]

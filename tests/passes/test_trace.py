@@ -94,3 +94,45 @@ def test_functional_dropout_reads_training_at_run_time():
     tr = trace_degrading(case("dropout_before_and_between").factory()[0])
     code = tr.graphs[""].gm.code
     assert "training = self.training" in code and "training = True" not in code
+
+
+class LiteralFlags(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 4)
+
+    def forward(self, x):
+        x = F.dropout(x, 0.3, training=False)  # literal: never active
+        x = F.dropout(x, 0.5)  # literal default True: active in eval too
+        x = F.dropout(x, 0.2, self.training)  # follows the mode
+        return self.lstm(x)[0]
+
+
+def test_only_dropouts_written_with_self_training_read_it_at_run_time():
+    tr = trace_degrading(LiteralFlags())
+    nodes = [n for n in tr.graphs[""].gm.graph.nodes if n.op == "call_function" and n.target is F.dropout]
+    flags = [n.kwargs["training"] for n in nodes]
+    assert flags[0] is False and flags[1] is True
+    assert getattr(flags[2], "op", None) == "get_attr" and flags[2].target == "training"
+
+
+class Mutating(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.seen = []
+        self.register_buffer("steps", torch.zeros(()))
+        self.lstm = nn.LSTM(4, 4)
+
+    def forward(self, x):
+        self.calls += 1
+        self.seen.append(1)
+        self.steps.add_(1)
+        return self.lstm(x)[0]
+
+
+def test_a_forward_that_changes_python_state_is_opaque_and_the_state_restored():
+    m = Mutating()
+    tr = trace_degrading(m)
+    assert "" in tr.opaque and "Python state" in tr.opaque[""] and "calls" in tr.opaque[""]
+    assert m.calls == 0 and m.seen == [] and float(m.steps) == 0.0
