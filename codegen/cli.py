@@ -66,12 +66,75 @@ def build_from_model(target: str, batch: int, seq_len: int, archs, out, *, dtype
     return plan, compile_lstms(plan.lstms, archs, out, **kw)
 
 
+def cpu_layer_specs(lspec, isa: str) -> list:
+    """The CPU layer-kernel specs one LSTM spec needs (every layer and direction)."""
+    from rnn_sparsify.config import config_from_dict, kept_count
+    from rnn_sparsify.kernels.cpu_backend import TvmCpuLayerBackend
+
+    be = TvmCpuLayerBackend(isa)
+    sd = config_from_dict(lspec.structured_dropout) if lspec.structured_dropout else None
+    D = 2 if lspec.bidirectional else 1
+    H = lspec.hidden_size
+    out = []
+    for layer in range(lspec.num_layers):
+        n_in = lspec.input_size if layer == 0 else H * D
+        k_in = kept_count(n_in, sd.p_input) if sd else n_in
+        k_rec = kept_count(H, sd.p_recurrent) if sd else H
+        spec = be.spec_for(n_in, H, lspec.batch, k_in, k_rec)
+        if spec not in out:
+            out.append(spec)
+    return out
+
+
+def compile_cpu(lspecs, out, *, isa: str | None = None, quiet: bool = False) -> list:
+    """``compile --target cpu``: build the CPU kernel libraries of ``lspecs`` into ``out``'s
+    ``cpu/`` tree (the cache layout), plus the kernel runtime. Returns the folders."""
+    from pathlib import Path
+
+    from rnn_sparsify.kernels import cpu_runtime
+
+    isa = isa or cpu_runtime.host_isa()
+    root = Path(out)
+    specs = [s for ls in lspecs for s in cpu_layer_specs(ls, isa)]
+    folders = []
+    for spec in dict.fromkeys(specs):
+        folder = cpu_runtime.entry_dir(root, spec)
+        if (folder / "layer.so").exists() and cpu_runtime._valid_entry(folder):
+            folders.append(folder)
+            continue
+        folders.append(cpu_runtime.build_entry(spec, root, quiet=quiet))
+    cpu_runtime.build_runtime(cpu_runtime._runtime_path(root))
+    return folders
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from .aot import compile_lstms, compile_specs
     from .lstm_spec import LSTMSpec
 
     kw = dict(cache_dir=args.cache_dir, progress=not args.quiet)
     sd, gs = _flag_configs(args)
+    if args.target == "cpu":
+        if args.model:
+            from .model_plan import plan_model
+
+            plan = plan_model(load_model(args.model).module, args.batch, args.seq_len, "float32",
+                              structured_dropout=sd, gate_sparsity=gs)
+            lspecs = plan.lstms
+            print(plan.table())
+        else:
+            lspecs = [LSTMSpec(
+                input_size=args.input_size, hidden_size=args.hidden_size, batch=args.batch,
+                seq_len=args.seq_len, num_layers=args.num_layers, bidirectional=args.bidirectional,
+                dtype="float32", structured_dropout=sd.to_dict() if sd else None,
+                gate_sparsity=gs.to_dict() if gs else None,
+            )]
+        if not lspecs or all(ls.structured_dropout is None and ls.gate_sparsity is None for ls in lspecs):
+            raise NothingToBuildError("nothing to build: no LSTM has a sparsity config (dense LSTMs run "
+                                      "on nn.LSTM); pass --p-input/--p-recurrent or --gate")
+        folders = compile_cpu(lspecs, args.out, quiet=args.quiet)
+        print(f"bundle {args.out}: {len(folders)} CPU kernel libraries (cpu/), load with "
+              f"RNN_SPARSIFY_KERNELS={args.out} or rnn_sparsify.kernels.cpu_runtime.use_cpu_bundle()")
+        return 0
     if args.model:
         plan, manifest = build_from_model(args.model, args.batch, args.seq_len, args.arch, args.out,
                                           dtype=args.dtype, structured_dropout=sd, gate_sparsity=gs, **kw)
@@ -146,8 +209,10 @@ def register(subparsers, parents=()) -> None:
         "configs already on the model (one returned by sparsify); every LSTM is listed, built or not and why.",
     )
     p.add_argument("-o", "--out", required=True, help="bundle folder to write (created with its parents)")
-    p.add_argument("--arch", action="append", required=True, type=arch,
-                   help="target arch, sm_80 or newer, e.g. sm_90 (repeatable)")
+    p.add_argument("--target", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda (cubins for --arch) or cpu (TVM LLVM kernels for this host's ISA)")
+    p.add_argument("--arch", action="append", default=None, type=arch,
+                   help="target arch, sm_80 or newer, e.g. sm_90 (repeatable; with --target cuda)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=model_target, help=MODEL_HELP)
     src.add_argument("--input-size", type=positive_int, help="an LSTM spec instead of a model (with --hidden-size)")
@@ -188,6 +253,8 @@ def _check_compile(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     """Cross-option checks (before any work); ``parser.error`` exits 2."""
     if args.input_size is not None and args.hidden_size is None:
         parser.error("--input-size needs --hidden-size")
+    if args.target == "cuda" and not args.arch:
+        parser.error("the following arguments are required with --target cuda: --arch")
     if args.model and (args.hidden_size is not None or args.num_layers != 1 or args.bidirectional):
         parser.error("--hidden-size/--num-layers/--bidirectional describe an LSTM spec; with --model the sizes "
                      "come from the model")

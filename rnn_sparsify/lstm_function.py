@@ -322,6 +322,53 @@ def _layer_backend_for(mod, x: Tensor, **problem):
     return backend
 
 
+def _cpu_autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The CPU autocast dtype in force for ``x``, or None (torch >= 2.1 spellings)."""
+    if x.device.type != "cpu":
+        return None
+    try:
+        enabled = torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        enabled = torch.is_autocast_cpu_enabled()
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except (AttributeError, TypeError):  # torch < 2.4
+        return torch.get_autocast_cpu_dtype()
+
+
+def _cast(v, dtype):
+    if v is None:
+        return None
+    if isinstance(v, PackedSequence):
+        return v._replace(data=v.data.to(dtype)) if v.data.is_floating_point() else v
+    if isinstance(v, (tuple, list)):
+        return type(v)(_cast(t, dtype) for t in v)
+    return v.to(dtype) if v.is_floating_point() else v
+
+
+def _autocast_wrapped(impl):
+    """Under CPU autocast, ``nn.LSTM`` computes in (and returns) the autocast dtype. The sparse
+    path computes in the parameters' dtype (float32: the CPU kernels are float32, and no
+    precision is lost) with autocast off, and returns the autocast dtype like ``nn.LSTM``."""
+
+    def run(mod, input, hx=None):
+        data = input.data if isinstance(input, PackedSequence) else input
+        ac = _cpu_autocast_dtype(data) if isinstance(data, Tensor) else None
+        if ac is None:
+            return impl(mod, input, hx)
+        wdt = next(mod.parameters()).dtype
+        with torch.autocast("cpu", enabled=False):
+            out = impl(mod, _cast(input, wdt), _cast(hx, wdt))
+        return _cast(out, ac)
+
+    run.__name__ = impl.__name__
+    run.__doc__ = impl.__doc__
+    return run
+
+
+@_autocast_wrapped
 def sparse_lstm_forward(mod, input, hx=None):
     """``nn.LSTM.forward`` semantics on the sparse layer Functions (training path)."""
     is_packed = isinstance(input, PackedSequence)
@@ -439,6 +486,7 @@ def sparse_lstm_forward(mod, input, hx=None):
     return out, (h_n, c_n)
 
 
+@_autocast_wrapped
 def sparse_lstm_cell_forward(mod, input: Tensor, hx=None):
     """``nn.LSTMCell.forward`` semantics: one step of the layer Function (T = 1)."""
     check_lstm_cell_args(mod, input, hx)  # nn.LSTMCell's own errors and messages

@@ -42,16 +42,29 @@ def gate_cols(H: int) -> Tensor:
 
 
 def to_wt(w: Tensor, n: int, Hp: int) -> Tensor:
-    """``nn.LSTM`` weight (4H, n) -> ``W^T`` (n + 1, 4*Hp) interleaved, zero padding + dummy row."""
+    """``nn.LSTM`` weight (4H, n) -> ``W^T`` (n + 1, 4*Hp) interleaved, zero padding + dummy row.
+
+    A blocked 2-D transpose, then a permutation of 16-float runs ``(n, 4, Hp/U, U) ->
+    (n, Hp/U, 4, U)`` (the same map as :func:`gate_cols`).
+    """
     H = w.shape[0] // 4
-    out = w.new_zeros(n + 1, 4 * Hp)
-    out[:n].index_copy_(1, gate_cols(H), w.detach().t())
-    return out
+    nub = Hp // U
+    wt = w.detach().t().contiguous().view(n, 4, H)
+    if H != Hp:
+        padded = w.new_zeros(n, 4, Hp)
+        padded[:, :, :H] = wt
+        wt = padded
+    out = w.new_empty(n + 1, nub, 4, U)
+    out[:n].copy_(wt.view(n, 4, nub, U).permute(0, 2, 1, 3))
+    out[n].zero_()
+    return out.view(n + 1, 4 * Hp)
 
 
 def from_wt(wt: Tensor, n: int, H: int) -> Tensor:
     """Inverse of :func:`to_wt` for a gradient: (n + 1, 4*Hp) -> (4H, n)."""
-    return wt[:n].index_select(1, gate_cols(H)).t().contiguous()
+    Hp = wt.shape[1] // 4
+    v = wt[:n].view(n, Hp // U, 4, U).permute(0, 2, 1, 3).reshape(n, 4, Hp)
+    return v[:, :, :H].reshape(n, 4 * H).t().contiguous()
 
 
 def _kept_padded(idx: Optional[Tensor], T: int, n: int, K: int) -> Tensor:

@@ -96,9 +96,47 @@ void rnnsp_set_num_threads(int n) {
 
 int rnnsp_get_num_threads(void) { return atomic_load(&n_threads); }
 
+/* When the process already runs an OpenMP runtime (torch's libgomp), parallel loops go
+ * through it: one pool for torch and the kernels, none spinning against the other. */
+typedef void (*gomp_parallel_t)(void (*)(void*), void*, unsigned, unsigned);
+typedef int (*omp_thread_num_t)(void);
+static gomp_parallel_t gomp_parallel = NULL;
+static omp_thread_num_t omp_thread_num = NULL;
+
+void rnnsp_use_gomp(void* parallel_fn, void* thread_num_fn) {
+  gomp_parallel = (gomp_parallel_t)parallel_fn;
+  omp_thread_num = (omp_thread_num_t)thread_num_fn;
+}
+
+typedef struct {
+  FTVMParallelLambda f;
+  void* cdata;
+  TVMParallelGroupEnv env;
+  atomic_int err;
+} omp_job_t;
+
+static void omp_body(void* p) {
+  omp_job_t* job = (omp_job_t*)p;
+  int id = omp_thread_num();
+  if (id < job->env.num_task) {
+    int r = job->f(id, &job->env, job->cdata);
+    if (r != 0) atomic_store(&job->err, r);
+  }
+}
+
 int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task) {
   int n = num_task > 0 ? num_task : atomic_load(&n_threads);
   if (n > MAX_THREADS) n = MAX_THREADS;
+  if (n > 1 && gomp_parallel != NULL) {
+    omp_job_t job;
+    job.f = flambda;
+    job.cdata = cdata;
+    job.env.sync_handle = NULL;
+    job.env.num_task = n;
+    atomic_store(&job.err, 0);
+    gomp_parallel(omp_body, &job, (unsigned)n, 0);
+    return atomic_load(&job.err);
+  }
   if (n <= 1 || pthread_mutex_trylock(&launch_mu) != 0) {
     /* one thread, or another launch is running: execute every task here */
     TVMParallelGroupEnv env = {NULL, n};

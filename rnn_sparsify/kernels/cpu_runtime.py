@@ -167,8 +167,35 @@ def runtime() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
         lib.rnnsp_set_num_threads.argtypes = [ctypes.c_int]
         lib.rnnsp_get_num_threads.restype = ctypes.c_int
+        gomp = _process_libgomp()
+        if gomp is not None:
+            lib.rnnsp_use_gomp.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+            lib.rnnsp_use_gomp(ctypes.cast(gomp.GOMP_parallel, ctypes.c_void_p),
+                               ctypes.cast(gomp.omp_get_thread_num, ctypes.c_void_p))
         _RUNTIME = lib
     return _RUNTIME
+
+
+def _process_libgomp() -> Optional[ctypes.CDLL]:
+    """The GNU OpenMP runtime this process already loaded (torch's), if any: the kernels'
+    parallel loops then share torch's pool instead of starting a second one that would spin
+    against it on few cores. ``RNN_SPARSIFY_CPU_POOL=own`` forces the built-in pool."""
+    if os.environ.get("RNN_SPARSIFY_CPU_POOL", "") == "own":
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {ln.split()[-1] for ln in f if "libgomp" in ln}
+    except OSError:
+        return None
+    for p in sorted(paths):
+        if os.path.exists(p):
+            try:
+                lib = ctypes.CDLL(p)
+                lib.GOMP_parallel, lib.omp_get_thread_num  # noqa: B018 - both must exist
+                return lib
+            except (OSError, AttributeError):
+                continue
+    return None
 
 
 def set_num_threads(n: int) -> None:
@@ -269,7 +296,7 @@ def build_entry(spec: CpuLayerSpec, root: Path, *, quiet: bool = False) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
-        print(f"rnn_sparsify: compiled in {time.perf_counter() - t0:.1f} s (cached in {folder})",
+        print(f"rnn_sparsify: compiled in {time.perf_counter() - t0:.1f} s ({folder})",
               file=sys.stderr, flush=True)
     return folder
 

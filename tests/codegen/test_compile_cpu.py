@@ -1,0 +1,59 @@
+"""`rnn-sparsify compile --target cpu`: a bundle that a TVM-free process loads without building."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tvm")
+
+CLI = str(Path(sys.executable).with_name("rnn-sparsify"))
+
+
+def test_cpu_bundle_builds_and_loads_without_tvm(tmp_path):
+    out = tmp_path / "bundle"
+    res = subprocess.run([CLI, "compile", "--target", "cpu", "-o", str(out), "--input-size", "24",
+                          "--hidden-size", "20", "--num-layers", "2", "--batch", "3", "--seq-len", "4",
+                          "--p-input", "0.5", "--p-recurrent", "0.5", "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    libs = sorted(out.glob("cpu/*/*/layer.so"))
+    assert len(libs) == 2  # layer 0 (input 24) and layer 1 (input 20)
+    man = json.loads((libs[0].parent / "manifest.json").read_text())
+    assert len(man["sha256"]) == 64 and man["spec"]["hidden_size"] == 20
+    assert list(out.glob("cpu/runtime-*.so"))
+
+    # a fresh process: empty cache, the bundle through the environment, TVM never imported
+    code = (
+        "import sys, torch\n"
+        "from rnn_sparsify import SparseLSTM, StructuredDropout\n"
+        "torch.manual_seed(0)\n"
+        "m = SparseLSTM(24, 20, num_layers=2, structured_dropout=StructuredDropout(0.5, 0.5))\n"
+        "y, _ = m(torch.randn(4, 3, 24)); y.sum().backward()\n"
+        "print(m.last_backend, 'tvm' in sys.modules, 'tvm_ffi' in sys.modules)\n"
+    )
+    env = {**os.environ, "RNN_SPARSIFY_KERNELS": str(out), "RNN_SPARSIFY_CACHE": str(tmp_path / "empty")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["tvm_cpu", "False", "True"]
+    assert "compiling" not in run.stderr  # nothing was built: the bundle served both layers
+    assert not (tmp_path / "empty" / "cpu").exists() or not list((tmp_path / "empty").glob("cpu/*/*/layer.so"))
+
+
+def test_cpu_target_needs_sparsity(tmp_path):
+    res = subprocess.run([CLI, "compile", "--target", "cpu", "-o", str(tmp_path / "b"), "--input-size", "8",
+                          "--hidden-size", "8", "--batch", "2", "--seq-len", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 7 and "nothing to build" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_cuda_target_still_needs_arch(tmp_path):
+    res = subprocess.run([CLI, "compile", "-o", str(tmp_path / "b"), "--input-size", "8", "--hidden-size", "8",
+                          "--batch", "2", "--seq-len", "3", "--p-input", "0.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--arch" in res.stderr
