@@ -138,6 +138,25 @@ def _folder_size(path) -> tuple[int, int]:
     return files, total
 
 
+def cpu_layer_choice(mod, dtype) -> tuple[str, str]:
+    """``(layer backend, why)`` for an LSTM's sparse training path on the CPU, as the rule list
+    of :mod:`rnn_sparsify.kernels.layer` decides it (dry: nothing is built), with
+    StructuredDropout(0.5, 0.5) when the module carries no config of its own."""
+    import copy
+
+
+    from .config import StructuredDropout
+    from .kernels.layer import explain_lstm
+
+    probe = copy.copy(mod)
+    probe.__dict__ = dict(mod.__dict__)
+    if getattr(probe, "structured_dropout", None) is None and getattr(probe, "gate_sparsity", None) is None:
+        probe.structured_dropout, probe.gate_sparsity = StructuredDropout(0.5, 0.5), None
+    name, verdicts = explain_lstm(probe, batch=20)  # dtype: the module's own parameters
+    why = "; ".join(f"{r}: {v}" for r, v in verdicts)
+    return name, why
+
+
 def backend_choice(device, dtype) -> tuple[str, str]:
     """``(backend name, why)`` for the sparse GEMMs of an LSTM on ``device``/``dtype``
     (:func:`rnn_sparsify.kernels.select_backend`)."""
@@ -243,8 +262,15 @@ def _model_backends(spec: str) -> list[str]:
             rows.append(f"  {name} ({e.kind}): not sparsified, runs as written: {e.reason}")
             continue
         dtype = w.dtype if w is not None else torch.float32
+        try:
+            mod = model.get_submodule(e.fqn)
+        except AttributeError:
+            mod = None
         for dev in devices:
-            b, why = backend_choice(dev, dtype)
+            if dev == "cpu" and mod is not None and hasattr(mod, "input_size"):
+                b, why = cpu_layer_choice(mod, dtype)
+            else:
+                b, why = backend_choice(dev, dtype)
             rows.append(f"  {name} ({e.kind}, {str(dtype).replace('torch.', '')}) on {dev}: {b} ({why}); "
                         "eval() runs the dense PyTorch path")
     return rows

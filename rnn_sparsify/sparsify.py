@@ -421,7 +421,6 @@ def _copy_model(model: nn.Module) -> nn.Module:
 
 
 def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: bool, example_kwargs=None):
-    from rnn_sparsify.kernels import select_backend
     from rnn_sparsify.passes.find_lstm import display_fqn, find_lstms
     from rnn_sparsify.passes.rewrite import guard_for, install_graph_forward, swap_lstm
     from rnn_sparsify.passes.trace import trace_degrading
@@ -567,7 +566,7 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
         w = next(iter(s.module.parameters()), None)
         e.configs = [c.to_dict() for c in (e._sd, e._gs) if c is not None]
         if w is not None:
-            e.backend = select_backend(w.device, w.dtype).name
+            e.backend = _backend_of(s.module, e, observed)
         if cfg.weight_sparsity is not None:
             if e.handling == MODULE_SWAP:
                 e.configs.append(cfg.weight_sparsity.to_dict())
@@ -597,6 +596,26 @@ def _run(model: nn.Module, configs: tuple, filter_fn, example_inputs, applied: b
     )
     report.details.update((display_fqn(k), v) for k, v in tr.details.items())
     return work, report
+
+
+def _backend_of(module: nn.Module, e, observed: dict) -> str:
+    """The layer backend the LSTM's training path would take (dry: nothing is built), with
+    the configs the report applies; hand-written cells run on the same layer backends."""
+    import copy
+
+    from rnn_sparsify.kernels.layer import explain_lstm
+
+    probe = copy.copy(module)  # shallow: only the config attributes are set on it
+    probe.__dict__ = dict(module.__dict__)
+    probe.structured_dropout, probe.gate_sparsity = e._sd, e._gs
+    if not hasattr(probe, "input_size"):
+        return "reference"
+    batch = (observed.get(id(module)) or {}).get("batch") or 1
+    try:
+        name, _ = explain_lstm(probe, batch=batch)
+    except Exception:  # the report must never fail on this
+        return "reference"
+    return name
 
 
 def _outputs(model: nn.Module, inputs: tuple, kwargs: Optional[dict] = None) -> list:

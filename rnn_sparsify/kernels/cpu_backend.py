@@ -269,8 +269,7 @@ _FAILED: dict[tuple, str] = {}
 _WARNED: set = set()
 
 
-def cpu_rule(problem: LayerProblem):
-    """The TVM CPU backend, or why not (see the module docstring)."""
+def _static_checks(problem: LayerProblem) -> Optional[str]:
     if os.environ.get("RNN_SPARSIFY_CPU_KERNELS", "1") == "0":
         return "switched off by RNN_SPARSIFY_CPU_KERNELS=0"
     if problem.device_type != "cpu":
@@ -281,19 +280,55 @@ def cpu_rule(problem: LayerProblem):
         return "proj_size > 0 (no projection kernels)"
     if problem.packed:
         return "PackedSequence input (per-step batch sizes; no kernels for them)"
-    from .cpu_runtime import KernelUnavailable, host_isa
+    return None
+
+
+def _spec(problem: LayerProblem):
+    from .cpu_runtime import host_isa
 
     isa = host_isa()
     be = _BACKENDS.get(isa)
     if be is None:
         be = _BACKENDS[isa] = TvmCpuLayerBackend(isa)
-    spec = be.spec_for(
+    return be, be.spec_for(
         problem.input_size,
         problem.hidden_size,
         problem.batch,
         problem.in_keep or problem.input_size,
         problem.rec_keep or problem.hidden_size,
     )
+
+
+def cpu_rule_dry(problem: LayerProblem):
+    """What :func:`cpu_rule` would answer, without building or loading: ``("tvm_cpu", note)``
+    or why not."""
+    why = _static_checks(problem)
+    if why:
+        return why
+    from . import cpu_runtime as rt
+
+    if not rt.tvm_ffi_available():
+        return "CPU kernels unavailable: apache-tvm-ffi is not installed"
+    be, spec = _spec(problem)
+    if (spec,) in _FAILED:
+        return _FAILED[(spec,)]
+    for root in rt._search_roots():
+        if rt._valid_entry(rt.entry_dir(root, spec)):
+            return ("tvm_cpu", f"{be.isa} kernels in {root}")
+    if rt.tvm_available():
+        return ("tvm_cpu", f"{be.isa} kernels, compiled on first use (a few seconds) and cached")
+    return ("CPU kernels unavailable: none precompiled for this shape and apache-tvm is not "
+            "installed to build them")
+
+
+def cpu_rule(problem: LayerProblem):
+    """The TVM CPU backend, or why not (see the module docstring)."""
+    why = _static_checks(problem)
+    if why:
+        return why
+    from .cpu_runtime import KernelUnavailable
+
+    be, spec = _spec(problem)
     key = (spec,)
     if key in _FAILED:
         return _FAILED[key]
@@ -314,3 +349,6 @@ def cpu_rule(problem: LayerProblem):
             )
         return reason
     return be
+
+
+cpu_rule.dry = cpu_rule_dry

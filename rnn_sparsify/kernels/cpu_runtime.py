@@ -53,7 +53,20 @@ class KernelUnavailable(RuntimeError):
 # machine facts
 
 
+_ISA: Optional[str] = None
+
+
 def host_isa() -> str:
+    """Cached :func:`detect_isa` (the environment override is read on every call)."""
+    global _ISA
+    if os.environ.get("RNN_SPARSIFY_CPU_ISA"):
+        return detect_isa()
+    if _ISA is None:
+        _ISA = detect_isa()
+    return _ISA
+
+
+def detect_isa() -> str:
     """ISA class of this CPU for the kernels: ``avx512``, ``avx2`` or ``generic``.
 
     Read from ``/proc/cpuinfo`` (x86-64 Linux); anything else (Arm NEON, other systems) is

@@ -122,6 +122,37 @@ def as_layer_backend(backend) -> LayerBackend:
     return comp
 
 
+class _Named(LayerBackend):
+    """Stands for a backend a dry rule would pick (reports only; never run)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def explain_lstm(module, batch: int = 1, seq_len: int = 35) -> tuple[str, list[tuple[str, str]]]:
+    """``(backend name, verdicts)`` for the first layer of an LSTM / LSTMCell module in training
+    with its configs (dry: nothing is built). A module with nothing sparse runs ``nn.LSTM``."""
+    from ..config import kept_count
+
+    w = next(iter(module.parameters()), None)
+    if w is None:
+        return "nn.LSTM", [("dense", "no parameters")]
+    sd = getattr(module, "structured_dropout", None)
+    gs = getattr(module, "gate_sparsity", None)
+    if not ((sd is not None and sd.active) or gs is not None):
+        return "nn.LSTM", [("dense", "nothing sparse in training: nn.LSTM's own kernels (oneDNN/cuDNN)")]
+    I, H = module.input_size, module.hidden_size
+    prob = LayerProblem(
+        device=w.device, dtype=w.dtype, input_size=I, hidden_size=H,
+        proj_size=getattr(module, "proj_size", 0), batch=batch, seq_len=seq_len,
+        in_keep=kept_count(I, sd.p_input) if sd is not None and sd.p_input > 0 else None,
+        rec_keep=kept_count(H, sd.p_recurrent) if sd is not None and sd.p_recurrent > 0 else None,
+        gate_mode=gs.mode if gs is not None else None,
+    )
+    be, verdicts = select_layer_backend(prob, dry=True)
+    return be.name, verdicts
+
+
 Rule = Callable[[LayerProblem], Union[LayerBackend, str, None]]
 _LAYER_RULES: list[tuple[str, Rule]] = []
 
@@ -142,22 +173,28 @@ def unregister_layer_rule(name: str) -> None:
     _LAYER_RULES = [r for r in _LAYER_RULES if r[0] != name]
 
 
-def select_layer_backend(problem: LayerProblem) -> tuple[LayerBackend, list[tuple[str, str]]]:
+def select_layer_backend(problem: LayerProblem, *, dry: bool = False) -> tuple[LayerBackend, list[tuple[str, str]]]:
     """The first applicable layer backend and every rule's verdict ``(rule, "used" | why not)``.
 
     The composition of GEMMs on the selected GEMM backend always applies and comes last.
+    ``dry=True`` (reports, ``rnn-sparsify env``) asks rules that have a ``dry`` variant to
+    answer without building or loading kernels.
     """
     from . import select_backend
 
     verdicts: list[tuple[str, str]] = []
     for name, rule in list(_LAYER_RULES):
         try:
-            res = rule(problem)
+            fn = (getattr(rule, "dry", None) or rule) if dry else rule
+            res = fn(problem)
         except Exception as e:  # a broken rule must never break training: fall through
             res = f"rule failed: {type(e).__name__}: {e}"
         if isinstance(res, LayerBackend):
             verdicts.append((name, "used"))
             return res, verdicts
+        if dry and isinstance(res, tuple):  # (backend name, note) from a dry rule
+            verdicts.append((name, "used: " + res[1]))
+            return _Named(res[0]), verdicts
         verdicts.append((name, res or "does not apply"))
     gemm = select_backend(problem.device, problem.dtype)
     backend = as_layer_backend(gemm)
