@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 
 U = 16  # units per block; a block holds 4*U gate columns
 
-GENERATOR_VERSION = "1"  # bump when the generated code changes for the same parameters
+GENERATOR_VERSION = "2"  # bump when the generated code changes for the same parameters
 
 
 @dataclass(frozen=True)
@@ -468,6 +468,60 @@ def make_dx(spec: CpuLayerSpec, n: int, K: int):
     return dx
 
 
+def make_to_wt(spec: CpuLayerSpec, n: int):
+    """``nn.LSTM`` weight ``W`` (4H, n) -> ``W^T`` (n+1, G) interleaved, zero padding and
+    dummy row, by 16 x 16 tiles (reads 16 contiguous floats of a row of W, writes 16 of a row
+    of W^T: both stay in cache)."""
+    from tvm.script import tirx as T
+
+    H, Hp, G = spec.hidden_size, spec.Hp, spec.G
+    NUB = Hp // U
+    NKB = -(-n // U)
+
+    @T.prim_func
+    def to_wt(w_h: T.handle, o_h: T.handle):
+        T.func_attr({"global_symbol": "to_wt", "tirx.noalias": True})
+        W = T.match_buffer(w_h, (4 * H, n), "float32")
+        O = T.match_buffer(o_h, (n + 1, G), "float32")
+        for kb in T.parallel(NKB):
+            for g in range(4):
+                for ub in range(NUB):
+                    for u in range(U):
+                        for kk in range(U):
+                            if kb * U + kk < n:
+                                O[kb * U + kk, ub * (4 * U) + g * U + u] = T.if_then_else(
+                                    ub * U + u < H, W[T.min(g * H + ub * U + u, 4 * H - 1), kb * U + kk], T.float32(0))
+            if kb == 0:
+                for c in range(G):
+                    O[n, c] = T.float32(0)
+
+    return to_wt
+
+
+def make_from_wt(spec: CpuLayerSpec, n: int):
+    """Inverse of :func:`make_to_wt` for a gradient: ``dW^T`` (n+1, G) -> ``dW`` (4H, n)."""
+    from tvm.script import tirx as T
+
+    H, Hp, G = spec.hidden_size, spec.Hp, spec.G
+    NUB = Hp // U
+    NKB = -(-n // U)
+
+    @T.prim_func
+    def from_wt(i_h: T.handle, o_h: T.handle):
+        T.func_attr({"global_symbol": "from_wt", "tirx.noalias": True})
+        WT = T.match_buffer(i_h, (n + 1, G), "float32")
+        W = T.match_buffer(o_h, (4 * H, n), "float32")
+        for gb in T.parallel(4 * NUB):
+            for kb in range(NKB):
+                for u in range(U):
+                    for kk in range(U):
+                        if (gb % NUB) * U + u < H and kb * U + kk < n:
+                            W[(gb // NUB) * H + (gb % NUB) * U + u, kb * U + kk] = WT[
+                                kb * U + kk, (gb % NUB) * (4 * U) + (gb // NUB) * U + u]
+
+    return from_wt
+
+
 # --------------------------------------------------------------------------------------
 # building
 
@@ -497,6 +551,10 @@ def layer_kernels(spec: CpuLayerSpec) -> dict:
         "wgrad_in": make_wgrad(spec, I, spec.k_in),
         "wgrad_rec": make_wgrad(spec, H, spec.k_rec),
         "dx": make_dx(spec, I, spec.k_in),
+        "to_wt_in": make_to_wt(spec, I),
+        "to_wt_rec": make_to_wt(spec, H),
+        "from_wt_in": make_from_wt(spec, I),
+        "from_wt_rec": make_from_wt(spec, H),
     }
     out = {}
     for name, f in funcs.items():

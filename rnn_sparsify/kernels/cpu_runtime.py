@@ -363,7 +363,7 @@ def load_layer(spec: CpuLayerSpec) -> LayerLibrary:
     mod = tvm_ffi.load_module(str(path))
     _install_hooks(path)  # after load_module: a TVM in the process must not install its pool
     names = ("pack_in", "in_proj", "fwd_loop", "bwd_loop", "bwd_elem", "bwd_dh", "wgrad_in",
-             "wgrad_rec", "dx")
+             "wgrad_rec", "dx", "to_wt_in", "to_wt_rec", "from_wt_in", "from_wt_rec")
     lib = LayerLibrary(spec, path, {n: mod[n] for n in names})
     lib.module = mod  # keep the module alive
     with _LOCK:
