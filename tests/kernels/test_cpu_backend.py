@@ -170,10 +170,6 @@ def test_weights_changed_in_place_between_calls_are_seen():
     assert rel_err(y, y_ref) <= RTOL
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cpu_backend._WeightCache keys the packed W^T on (id, _version, data_ptr, shape): an in-place "
-    "change through .data (p.data.mul_/copy_, which does not bump the version counter) is not "
-    "seen, and the kernels keep using the stale packed weights"))
 def test_weights_changed_through_data_are_seen():
     from rnn_sparsify.lstm_function import LayerPlan, LSTMLayerFunction
 
@@ -200,10 +196,6 @@ def test_weights_changed_through_data_are_seen():
     assert rel_err(y, y_ref) <= RTOL
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cpu_backend._WeightCache keys the packed W^T on (id(w), w._version, w.data_ptr(), shape): a "
-    "new weight tensor that reuses a freed one's Python id and memory (version 0 both) gets the "
-    "old tensor's packed values (same _version after one normal_), and the kernels compute with stale weights"))
 def test_fresh_weight_tensor_at_a_reused_address_is_not_stale():
     from rnn_sparsify.lstm_function import LayerPlan, LSTMLayerFunction
 
