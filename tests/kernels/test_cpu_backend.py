@@ -236,3 +236,80 @@ def test_fresh_weight_tensor_at_a_reused_address_is_not_stale():
     y = fwd(be, w2)
     y_ref = fwd(ORACLE, w2.double(), torch.float64)
     assert rel_err(y, y_ref) <= RTOL
+
+
+# --------------------------------------------------------------------------------------
+# the interleaved W^T layout: Python maps and the generated layout kernels agree
+
+
+@pytest.mark.parametrize("H, n", [(20, 24), (35, 17), (32, 40)])
+def test_layout_maps_python(H, n):
+    from rnn_sparsify.kernels.cpu_backend import U, from_wt, gate_cols, to_wt
+
+    Hp = -(-H // U) * U
+    cols = gate_cols(H)
+    assert cols.shape == (4 * H,) and len(set(cols.tolist())) == 4 * H
+    assert int(cols.max()) < 4 * Hp
+    # unit j of gate g sits in block j // U, at gate slot g, lane j % U
+    for g in range(4):
+        for j in (0, H - 1):
+            assert int(cols[g * H + j]) == (j // U) * 4 * U + g * U + j % U
+    w = torch.randn(4 * H, n)
+    wt = to_wt(w, n, Hp)
+    assert wt.shape == (n + 1, 4 * Hp)
+    assert (wt[n] == 0).all()  # the dummy row
+    pad = torch.ones(4 * Hp, dtype=torch.bool)
+    pad[cols] = False
+    assert (wt[:, pad] == 0).all()  # padded units
+    assert torch.equal(wt[:n, cols], w.t())
+    assert torch.equal(from_wt(wt, n, H), w)
+
+
+@pytest.mark.parametrize("case", ["b3_p55_h20", "b7_p30_h35_rev"])
+def test_layout_kernels_match_python_maps(case):
+    """The generated to_wt / from_wt kernels compute exactly the Python maps."""
+    from rnn_sparsify.kernels.cpu_backend import from_wt, to_wt
+    from rnn_sparsify.kernels.cpu_runtime import load_layer
+
+    B, I, H, p_in, p_rec = CASES[case][:5]
+    masks = draw_masks(T, I, H, p_in, p_rec, seed=5)
+    be = cpu_backend_for(I, H, B, masks, T)
+    spec = be.spec_for(I, H, B, I if masks[0] is None else masks[0].shape[1],
+                       H if masks[2] is None else masks[2].shape[1])
+    lib = load_layer(spec)
+    Hp = spec.Hp
+    for name, n in (("in", I), ("rec", H)):
+        w = torch.randn(4 * H, n)
+        wt = torch.full((n + 1, 4 * Hp), float("nan"))  # every entry must be written
+        lib["to_wt_" + name](w, wt)
+        assert torch.equal(wt, to_wt(w, n, Hp)), name
+        g = torch.randn(n + 1, 4 * Hp)
+        out = torch.full((4 * H, n), float("nan"))
+        lib["from_wt_" + name](g, out)
+        assert torch.equal(out, from_wt(g, n, H)), name
+
+
+def test_non_contiguous_weights():
+    """Weights with transposed strides take the Python layout path: same values."""
+    B, I, H = 3, 24, 20
+    inp = make_inputs(T, B, I, H, seed=71)
+    masks = draw_masks(T, I, H, 0.5, 0.5, seed=72)
+    be = cpu_backend_for(I, H, B, masks, T)
+    # the oracle on contiguous copies (the reference wgrad needs contiguous weights: see
+    # test_layer_contract.py::test_reference_path_non_contiguous_weight)
+    ref, _ = run_layer(ORACLE, torch.float64, inp, masks)
+
+    from rnn_sparsify.lstm_function import LayerPlan, LSTMLayerFunction
+
+    names = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
+    leaves = [inp[n].float().requires_grad_() if n not in ("w_ih", "w_hh")
+              else inp[n].float().t().contiguous().t().requires_grad_() for n in names]
+    assert not leaves[3].is_contiguous() and not leaves[4].is_contiguous()
+    in_idx, a_in, rec_idx, a_rec = masks
+    plan = LayerPlan(in_idx=in_idx, in_scale=a_in, rec_idx=rec_idx, rec_scale=a_rec, backend=be)
+    y, h, c = LSTMLayerFunction.apply(*leaves, None, plan)
+    ((y * inp["dy"].float()).sum() + (h * inp["dh"].float()).sum()
+     + (c * inp["dc"].float()).sum()).backward()
+    got = {"y": y.detach(), "h_T": h.detach(), "c_T": c.detach()}
+    got.update({k: p.grad for k, p in zip(("dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh"), leaves)})
+    assert_close_to_ref(got, ref)

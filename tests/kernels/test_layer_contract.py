@@ -281,3 +281,38 @@ def test_eval_is_dense_path():
     m = SparseLSTM(24, 20, structured_dropout=StructuredDropout(0.5, 0.5)).eval()
     m(torch.randn(5, 3, 24))
     assert m.last_path == "dense"
+
+
+def _non_contiguous_weight_step(dtype, monkeypatch, kernels=True):
+    torch.manual_seed(0)
+    m = SparseLSTM(24, 20, structured_dropout=StructuredDropout(0.5, 0.5), dtype=dtype).train()
+    ref = copy.deepcopy(m)  # contiguous weights, same values
+    # a parameter with transposed strides (nn.LSTM accepts it)
+    m.weight_ih_l0 = torch.nn.Parameter(m.weight_ih_l0.detach().t().contiguous().t())
+    assert not m.weight_ih_l0.is_contiguous()
+    x = torch.randn(5, 3, 24, dtype=dtype)
+    if not kernels:
+        monkeypatch.setenv("RNN_SPARSIFY_CPU_KERNELS", "0")
+    a = _train_step(m, x, seed=5)
+    monkeypatch.setenv("RNN_SPARSIFY_CPU_KERNELS", "0")
+    b = _train_step(ref, x, seed=5)
+    _compare_models(m, ref, a, b)
+    return m
+
+
+def test_tvm_cpu_non_contiguous_weight(monkeypatch):
+    need_cpu_kernels()
+    m = _non_contiguous_weight_step(torch.float32, monkeypatch)
+    assert m.last_backend == "tvm_cpu"
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "reference path (ComposedLayerBackend on REFERENCE) with a parameter of non-contiguous "
+    "strides: composed_backward allocates dw_ih = torch.zeros_like(w_ih), which keeps the "
+    "transposed strides, and ReferenceBackend.wgrad does out.view(-1).index_add_ -> RuntimeError "
+    "'view size is not compatible with input tensor's size and stride'; nn.LSTM and the tvm_cpu "
+    "path accept such a parameter"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_path_non_contiguous_weight(dtype, monkeypatch):
+    m = _non_contiguous_weight_step(dtype, monkeypatch, kernels=False)
+    assert m.last_backend == "reference"
