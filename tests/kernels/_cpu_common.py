@@ -116,3 +116,16 @@ def cpu_backend_for(I, H, B, masks, T=5):
     be = cpu_rule(prob)
     assert not isinstance(be, str), f"cpu_rule declined: {be}"
     return be
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """Run a test on one intra-op thread (restored afterwards): on a small, busy machine two
+    spinning OpenMP threads make each tiny step tens of ms slower. Tests of the parallel paths
+    set their own thread counts."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -13,6 +13,7 @@ from rnn_sparsify import GateGradientSparsity
 from rnn_sparsify.kernels import REFERENCE
 from rnn_sparsify.kernels.layer import ComposedLayerBackend
 
+from ._cpu_common import one_thread  # noqa: F401 - fixture
 from ._cpu_common import (
     assert_close_to_ref,
     cpu_backend_for,
@@ -21,6 +22,8 @@ from ._cpu_common import (
     need_cpu_kernels,
     run_layer,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 T = 5
 ORACLE = ComposedLayerBackend(REFERENCE)
@@ -313,3 +316,21 @@ def test_non_contiguous_weights():
     got = {"y": y.detach(), "h_T": h.detach(), "c_T": c.detach()}
     got.update({k: p.grad for k, p in zip(("dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh"), leaves)})
     assert_close_to_ref(got, ref)
+
+
+def test_sequence_length_is_not_part_of_the_spec():
+    """T is symbolic: T = 1 and T = 300 run on the library of T = 5, and stay correct."""
+    from rnn_sparsify.kernels.cpu_runtime import load_layer
+
+    B, I, H = 3, 24, 20
+    libs = set()
+    for t_len in (1, 300):
+        inp = make_inputs(t_len, B, I, H, seed=80 + t_len)
+        masks = draw_masks(t_len, I, H, 0.5, 0.5, seed=81 + t_len)
+        be = cpu_backend_for(I, H, B, masks, t_len)
+        cfg = GateGradientSparsity.coarse()
+        ref, _ = run_layer(ORACLE, torch.float64, inp, masks, cfg=cfg)
+        got, _ = run_layer(be, torch.float32, inp, masks, cfg=cfg)
+        assert_close_to_ref(got, ref, what=f"T={t_len}: ")
+        libs.add(id(load_layer(be.spec_for(I, H, B, masks[0].shape[1], masks[2].shape[1]))))
+    assert len(libs) == 1

@@ -26,6 +26,7 @@ from rnn_sparsify.kernels import REFERENCE, cpu_backend, cpu_runtime
 from rnn_sparsify.kernels.cpu_backend import TvmCpuLayerBackend
 from rnn_sparsify.kernels.layer import ComposedLayerBackend, LayerProblem, select_layer_backend
 
+from ._cpu_common import one_thread  # noqa: F401 - fixture
 from ._cpu_common import (
     assert_close_to_ref,
     cpu_backend_for,
@@ -35,6 +36,8 @@ from ._cpu_common import (
     rel_err,
     run_layer,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 I, H, B, T = 8, 16, 2, 4
 SD = StructuredDropout(0.5, 0.5)
@@ -419,9 +422,61 @@ def test_concurrent_calls_from_python_threads_match_serial():
         except Exception as e:  # pragma: no cover - reported below
             errors.append(repr(e))
 
+    torch.set_num_threads(2)  # parallel launches from every thread (restored by one_thread)
     threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert not errors and not bad, (errors, bad[:5])
+
+
+# --------------------------------------------------------------------------------------
+# bundles (searched before the cache)
+
+
+def test_bundle_is_searched_first_and_a_corrupt_one_falls_to_the_cache(built_cache, tmp_path,
+                                                                        monkeypatch):
+    spec = small_spec()
+    bundle, cache = tmp_path / "bundle", tmp_path / "cache"
+    shutil.copytree(built_cache, bundle)
+    shutil.copytree(built_cache, cache)
+    isolate(monkeypatch, cache)
+
+    def no_build(*a, **k):
+        raise AssertionError("must not build")
+
+    monkeypatch.setattr(cpu_runtime, "build_entry", no_build)
+    cpu_runtime.use_cpu_bundle(bundle)
+    cpu_runtime.use_cpu_bundle(bundle)  # registering twice is harmless
+    assert cpu_runtime._search_roots() == [bundle, cache]
+    assert cpu_runtime.find_or_build(spec) == cpu_runtime.entry_dir(bundle, spec)
+    so = cpu_runtime.entry_dir(bundle, spec) / "layer.so"
+    so.write_bytes(so.read_bytes()[:-100] + b"\0" * 100)  # corrupt the bundle's copy
+    assert cpu_runtime.find_or_build(spec) == cpu_runtime.entry_dir(cache, spec)
+
+
+def test_bundle_from_environment(built_cache, tmp_path, monkeypatch):
+    isolate(monkeypatch, tmp_path / "empty-cache")
+    monkeypatch.setenv("RNN_SPARSIFY_KERNELS", str(built_cache))
+    monkeypatch.setattr(cpu_runtime, "_ENV_CHECKED", False)
+    assert cpu_runtime._search_roots()[0] == built_cache
+    assert cpu_runtime.find_or_build(small_spec()) == cpu_runtime.entry_dir(built_cache, small_spec())
+
+
+def test_use_cpu_bundle_without_cpu_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_runtime, "_BUNDLES", [])
+    with pytest.raises(FileNotFoundError, match="no cpu/ folder"):
+        cpu_runtime.use_cpu_bundle(tmp_path)
+    assert cpu_runtime._BUNDLES == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "use_cpu_bundle's error message suggests `rnn-sparsify compile --target cpu -o {p}` "
+    "literally: the second part of the message is not an f-string"))
+def test_use_cpu_bundle_error_names_the_folder_in_the_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_runtime, "_BUNDLES", [])
+    with pytest.raises(FileNotFoundError) as ei:
+        cpu_runtime.use_cpu_bundle(tmp_path)
+    assert "{p}" not in str(ei.value)
+    assert f"-o {tmp_path}`" in str(ei.value)

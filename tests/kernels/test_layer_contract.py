@@ -21,7 +21,10 @@ from rnn_sparsify.kernels.layer import (
     unregister_layer_rule,
 )
 
+from ._cpu_common import one_thread  # noqa: F401 - fixture
 from ._cpu_common import RTOL, need_cpu_kernels, rel_err
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
 REF_VERDICT = ("per-step GEMMs (reference)", "used")
@@ -316,3 +319,16 @@ def test_tvm_cpu_non_contiguous_weight(monkeypatch):
 def test_reference_path_non_contiguous_weight(dtype, monkeypatch):
     m = _non_contiguous_weight_step(dtype, monkeypatch, kernels=False)
     assert m.last_backend == "reference"
+
+
+def test_unbatched_input_on_tvm_cpu(monkeypatch):
+    need_cpu_kernels()
+    torch.manual_seed(0)
+    m = SparseLSTM(24, 20, structured_dropout=StructuredDropout(0.5, 0.5)).train()
+    ref = copy.deepcopy(m)
+    x = torch.randn(5, 24)  # (T, I): batch of one, dropped on output
+    a = _train_step(m, x, seed=9)
+    assert m.last_backend == "tvm_cpu" and a[0].shape == (5, 20) and a[1].shape == (1, 20)
+    monkeypatch.setenv("RNN_SPARSIFY_CPU_KERNELS", "0")
+    b = _train_step(ref, x, seed=9)
+    _compare_models(m, ref, a, b)
