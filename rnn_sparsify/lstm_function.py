@@ -258,19 +258,28 @@ class LSTMLayerFunction(torch.autograd.Function):
     """One LSTM layer, one direction, a whole padded sequence ``x`` of shape (T, B, I), on the
     layer backend ``plan.backend`` (a GEMM backend is run as the per-step composition)."""
 
+    # forward / setup_context split (torch.func.grad / functional_call work in training);
+    # the backend's saved state travels from forward to setup_context on the plan.
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, plan: LayerPlan):
+    def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, plan: LayerPlan):
         be = as_layer_backend(plan.backend)
         y, h, c, saved, meta = be.forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, plan)
+        plan._handoff = (be, saved, meta)
+        return y, h, c
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        plan = inputs[-1]
+        be, saved, meta = plan._handoff  # kept: torch.func may set up more than one context
         ctx.plan = plan
         ctx.layer_backend = be
         ctx.meta = meta
         ctx.save_for_backward(*saved)
-        return y, h, c
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dhn, dcn):
+        ctx.plan._handoff = None
         grads = ctx.layer_backend.backward(
             ctx.saved_tensors, ctx.meta, ctx.plan, dy, dhn, dcn, ctx.needs_input_grad
         )
@@ -302,12 +311,19 @@ def _pad_packed(data: Tensor, batch_sizes: list[int]) -> tuple[Tensor, Tensor]:
     return out, active
 
 
+def _in_func_transform() -> bool:
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
 def _layer_backend_for(mod, x: Tensor, **problem):
     """The layer backend for one layer/direction call (first applicable rule, see
     :mod:`rnn_sparsify.kernels.layer`). Records ``mod.last_backend`` (name) and
     ``mod.last_backend_reasons`` (every rule's verdict); warns once per module when a CUDA
     tensor runs on the reference kernels (gathers + cuBLAS: slower than cuDNN's dense LSTM)."""
-    prob = LayerProblem(device=x.device, dtype=x.dtype, **problem)
+    prob = LayerProblem(device=x.device, dtype=x.dtype, func_transform=_in_func_transform(), **problem)
     backend, verdicts = select_layer_backend(prob)
     mod.last_backend = backend.name
     mod.last_backend_reasons = verdicts

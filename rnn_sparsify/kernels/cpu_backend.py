@@ -273,6 +273,8 @@ def _static_checks(problem: LayerProblem) -> Optional[str]:
         return "proj_size > 0 (no projection kernels)"
     if problem.packed:
         return "PackedSequence input (per-step batch sizes; no kernels for them)"
+    if problem.func_transform:
+        return "inside a torch.func transform (the kernels take plain tensors)"
     return None
 
 
