@@ -130,8 +130,6 @@ def test_as_layer_backend_wraps_gemm_backend():
 
 def test_gemm_backend_as_plan_backend():
     """A GEMM backend (not a LayerBackend) in plan.backend runs as the per-step composition."""
-    from rnn_sparsify.lstm_function import LayerPlan, LSTMLayerFunction
-
     from ._cpu_common import draw_masks, make_inputs, run_layer
 
     T, B, I, H = 4, 3, 6, 5
@@ -143,7 +141,6 @@ def test_gemm_backend_as_plan_backend():
     for k in a:
         if a[k] is not None:
             assert torch.equal(a[k], b[k]), k
-    assert LayerPlan().backend is None and LSTMLayerFunction is not None
 
 
 def test_custom_rule_backend_used_by_sparse_lstm(rules):
@@ -332,3 +329,36 @@ def test_unbatched_input_on_tvm_cpu(monkeypatch):
     monkeypatch.setenv("RNN_SPARSIFY_CPU_KERNELS", "0")
     b = _train_step(ref, x, seed=9)
     _compare_models(m, ref, a, b)
+
+
+def test_dry_selection_builds_and_loads_nothing(tmp_path, monkeypatch):
+    """Reports (explain_lstm / select_layer_backend(dry=True)) never build or load kernels."""
+    pytest.importorskip("tvm_ffi")
+    from rnn_sparsify.kernels import cpu_backend, cpu_runtime
+    from rnn_sparsify.kernels.layer import explain_lstm
+
+    monkeypatch.setenv("RNN_SPARSIFY_CACHE", str(tmp_path / "empty"))
+    monkeypatch.delenv("RNN_SPARSIFY_CPU_ISA", raising=False)
+    monkeypatch.setattr(cpu_runtime, "_LOADED", {})
+    monkeypatch.setattr(cpu_runtime, "_BUNDLES", [])
+    monkeypatch.setattr(cpu_runtime, "_ENV_CHECKED", True)
+    monkeypatch.setattr(cpu_backend, "_FAILED", {})
+
+    def forbidden(*a, **k):
+        raise AssertionError("a dry selection must not build or load")
+
+    monkeypatch.setattr(cpu_runtime, "build_entry", forbidden)
+    monkeypatch.setattr(cpu_runtime, "load_layer", forbidden)
+    m = SparseLSTM(24, 20, structured_dropout=StructuredDropout(0.5, 0.5))
+    name, verdicts = explain_lstm(m, batch=3, seq_len=5)
+    if cpu_runtime.tvm_available():
+        assert name == "tvm_cpu"
+        assert verdicts == [("tvm_cpu", f"used: {cpu_runtime.host_isa()} kernels, compiled on "
+                                        "first use (a few seconds) and cached")]
+    name, verdicts = explain_lstm(SparseLSTM(24, 20, structured_dropout=StructuredDropout(0.5, 0.5),
+                                             dtype=torch.float64))
+    assert name == "reference"
+    assert verdicts == [("tvm_cpu", "dtype torch.float64 (the CPU kernels are float32)"), REF_VERDICT]
+    name, verdicts = explain_lstm(SparseLSTM(24, 20))
+    assert name == "nn.LSTM" and verdicts[0][0] == "dense"
+    assert not (tmp_path / "empty").exists()
