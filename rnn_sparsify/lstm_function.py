@@ -200,9 +200,9 @@ def composed_backward(be, saved, has_bias, plan: LayerPlan, dy, dhn, dcn, need):
 
     dx = dw_ih = dw_hh = db = dw_hr = None
     if need[3]:
-        dw_ih = torch.zeros_like(w_ih)
+        dw_ih = torch.zeros_like(w_ih, memory_format=torch.contiguous_format)  # the GEMMs write in place
     if need[4]:
-        dw_hh = torch.zeros_like(w_hh)
+        dw_hh = torch.zeros_like(w_hh, memory_format=torch.contiguous_format)
     if has_bias and (need[5] or need[6]):
         db = x.new_zeros(C)
     if need[0] and (fine or plan.in_idx is not None):

@@ -331,8 +331,9 @@ def cpu_rule(problem: LayerProblem):
         from .cpu_runtime import load_layer
 
         load_layer(spec)
-    except (KernelUnavailable, OSError, ImportError) as e:
-        reason = f"CPU kernels unavailable: {e}"
+    except Exception as e:  # unavailable, or a failed build: never retried, never an error
+        kind = "" if isinstance(e, (KernelUnavailable, OSError, ImportError)) else f"{type(e).__name__}: "
+        reason = f"CPU kernels unavailable: {kind}{e}"
         _FAILED[key] = reason
         if reason not in _WARNED:
             _WARNED.add(reason)

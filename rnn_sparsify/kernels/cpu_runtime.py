@@ -241,7 +241,7 @@ def use_cpu_bundle(path) -> None:
     p = Path(path)
     if not (p / "cpu").is_dir():
         raise FileNotFoundError(f"{p} holds no CPU kernels (no cpu/ folder); build it with "
-                                "`rnn-sparsify compile --target cpu -o {p}`")
+                                f"`rnn-sparsify compile --target cpu -o {p}`")
     if p not in _BUNDLES:
         _BUNDLES.insert(0, p)
 

@@ -306,12 +306,6 @@ def test_tvm_cpu_non_contiguous_weight(monkeypatch):
     assert m.last_backend == "tvm_cpu"
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "reference path (ComposedLayerBackend on REFERENCE) with a parameter of non-contiguous "
-    "strides: composed_backward allocates dw_ih = torch.zeros_like(w_ih), which keeps the "
-    "transposed strides, and ReferenceBackend.wgrad does out.view(-1).index_add_ -> RuntimeError "
-    "'view size is not compatible with input tensor's size and stride'; nn.LSTM and the tvm_cpu "
-    "path accept such a parameter"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reference_path_non_contiguous_weight(dtype, monkeypatch):
     m = _non_contiguous_weight_step(dtype, monkeypatch, kernels=False)
