@@ -121,6 +121,14 @@ class TvmCpuLayerBackend(LayerBackend):
     def forward(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, plan):
         from .cpu_runtime import load_layer
 
+        if plan.gate_sparsity is not None and plan.in_idx is None and plan.rec_idx is None:
+            _warn_once(
+                "gate-gradient sparsity without structured dropout: on the CPU kernels the dropped "
+                "gate-gradient entries are zeroed, not skipped, so this training step is slower than "
+                "nn.LSTM's (measured 0.6-0.85x of its speed, docs/benchmarks.md); the gradients are "
+                "exactly the sparse ones"
+            )
+
         T, B, I = x.shape
         H = w_hh.shape[1]
         k_in = I if plan.in_idx is None else plan.in_idx.shape[1]
@@ -258,6 +266,13 @@ class TvmCpuLayerBackend(LayerBackend):
 # the rule
 
 _BACKENDS: dict[str, TvmCpuLayerBackend] = {}
+_NOTES: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _NOTES:
+        _NOTES.add(msg)
+        warnings.warn(f"rnn_sparsify: {msg}", RuntimeWarning, stacklevel=4)
 _FAILED: dict[tuple, str] = {}
 _WARNED: set = set()
 
