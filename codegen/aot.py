@@ -33,11 +33,11 @@ _CTYPES = {"half": "float16", "nv_bfloat16": "bfloat16", "float": "float32", "in
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("RNN_SPARSIFY_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "rnn_sparsify" / "kernels"
+    """``$RNN_SPARSIFY_CACHE``, else ``~/.cache/rnn_sparsify/kernels`` (one cache folder for the
+    GPU bundles' entries and the CPU kernels' ``cpu/`` tree)."""
+    from rnn_sparsify.kernels.cpu_runtime import cache_dir
+
+    return cache_dir()
 
 
 def _check_arch(arch: str) -> str:
