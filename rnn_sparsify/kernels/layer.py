@@ -57,7 +57,6 @@ class LayerProblem:
     in_keep: Optional[int] = None  # kept input units per step; None = no input dropout
     rec_keep: Optional[int] = None  # kept units of h_{t-1} per step; None = no RH dropout
     gate_mode: Optional[str] = None  # "coarse" / "fine" / "meprop" or None
-    autocast_dtype: Optional[torch.dtype] = None  # dtype the caller asked for under autocast
     func_transform: bool = False  # inside a torch.func transform (grad, vmap, ...)
 
     @property
