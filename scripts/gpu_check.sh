@@ -6,7 +6,10 @@
 #       and the wheels the GPU machine needs       -> .whl/ (rnn_sparsify, cuda-bindings, cuda-pathfinder)
 #   scripts/gpu_check.sh run OUT_DIR    # on the GPU machine (no TVM, no network needed):
 #       installs the carried wheels, runs the gpu-marked tests and the benchmark,
-#       writes pytest.log, bench.md, env.txt and status into OUT_DIR.
+#       writes pytest.log, bench.md, env.txt and status into OUT_DIR. Runs from a temporary
+#       folder, so the checkout's ./rnn_sparsify cannot shadow the installed wheel.
+#   scripts/gpu_check.sh rehearse OUT_DIR   # CPU rehearsal of `run` (CI: tests/test_gpu_check_script.py):
+#       the wheel in a fresh venv, imports + test collection from the run stage's folders.
 #
 # With the device tool (see /work/.library/device/README.md): run `prepare` here, then
 #   run(command="scripts/gpu_check.sh run $OUT", carry=[".whl", "bundles/gpu_check"], timeout_s=600)
@@ -51,28 +54,59 @@ PYEOF
 
 run() {
     OUT=${1:?usage: scripts/gpu_check.sh run OUT_DIR}
+    PY=${PYTHON:-python3}
     mkdir -p "$OUT"
     [ -f "$BUNDLE/manifest.json" ] || { echo "no $BUNDLE: run 'scripts/gpu_check.sh prepare' first and carry it" | tee "$OUT/status"; exit 2; }
     {
         nvidia-smi || true
-        $PY -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
+        $PY -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))" || true
     } > "$OUT/env.txt" 2>&1
     $PY -m pip install -q --no-index --no-deps .whl/*.whl >> "$OUT/env.txt" 2>&1
     $PY -c "import tvm" 2>/dev/null && echo "note: TVM is installed here; the run does not use it" >> "$OUT/env.txt"
     export RNN_SPARSIFY_TEST_BUNDLE=$PWD/$BUNDLE
+    # Run from a folder outside the checkout: from the repository root, ./rnn_sparsify (which
+    # has no codegen/) would shadow the installed wheel (python -m puts the cwd on sys.path).
+    OUT_ABS=$(cd "$OUT" && pwd)
+    WORK=$(mktemp -d)
+    cp tests/kernels/test_cuda_gpu.py "$WORK/"
+    printf '[pytest]\nmarkers =\n    gpu: needs a CUDA GPU\n' > "$WORK/pytest.ini"
     set +e
-    $PY -m pytest -q -rs -m gpu tests/kernels/test_cuda_gpu.py -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+    (cd "$WORK" && $PY -c "import rnn_sparsify, rnn_sparsify.codegen.lstm_spec, rnn_sparsify.codegen.cli, rnn_sparsify.kernels.cuda_loader; print('rnn_sparsify from', rnn_sparsify.__file__)") > "$OUT_ABS/imports.log" 2>&1
+    rc_imports=$?
+    (cd "$WORK" && $PY -m pytest -q -rs -m gpu ${PYTEST_ARGS:-} test_cuda_gpu.py -p no:cacheprovider) > "$OUT_ABS/pytest.log" 2>&1
     rc_tests=$?
-    $PY -m rnn_sparsify.codegen.cli bench --bundle "$BUNDLE" --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
-    rc_bench=$?
+    if [ -n "${PYTEST_ARGS:-}" ]; then rc_bench=0; else
+        (cd "$WORK" && $PY -m rnn_sparsify.codegen.cli bench --bundle "$RNN_SPARSIFY_TEST_BUNDLE" --out "$OUT_ABS/bench.md") > "$OUT_ABS/bench.log" 2>&1
+        rc_bench=$?
+    fi
     set -e
-    echo "tests rc=$rc_tests bench rc=$rc_bench" | tee "$OUT/status"
+    [ $rc_tests -eq 5 ] && [ -n "${PYTEST_ARGS:-}" ] && rc_tests=0  # collection only, all skipped
+    echo "imports rc=$rc_imports tests rc=$rc_tests bench rc=$rc_bench" | tee "$OUT/status"
+    cat "$OUT/imports.log"
     tail -5 "$OUT/pytest.log"
-    [ $rc_tests -eq 0 ] && [ $rc_bench -eq 0 ]
+    [ $rc_imports -eq 0 ] && [ $rc_tests -eq 0 ] && [ $rc_bench -eq 0 ]
+}
+
+# CPU rehearsal of `run` (CI runs it: tests/test_gpu_check_script.py): a fresh venv with the
+# carried wheel only, then the run stage's test collection from the same folders.
+rehearse() {
+    OUT=${1:?usage: scripts/gpu_check.sh rehearse OUT_DIR}
+    PY0=${PYTHON:-.venv/bin/python}
+    mkdir -p "$OUT" .whl
+    rm -f .whl/rnn_sparsify-*.whl
+    $PY0 -m pip wheel -q --no-deps --no-build-isolation -w .whl .
+    python3 -m venv "$OUT/venv"
+    "$OUT/venv/bin/pip" install -q torch==2.13.0 pytest >> "$OUT/install.log" 2>&1
+    "$OUT/venv/bin/pip" install -q "cuda-bindings>=13" >> "$OUT/install.log" 2>&1
+    "$OUT/venv/bin/pip" install -q --no-deps .whl/rnn_sparsify-*.whl numpy networkx tqdm >> "$OUT/install.log" 2>&1
+    BUNDLE="$OUT/bundle"  # collection only: an empty manifest, never the real bundle folder
+    mkdir -p "$BUNDLE" && echo '{}' > "$BUNDLE/manifest.json"
+    PYTHON="$OUT/venv/bin/python" PYTEST_ARGS="--collect-only" run "$OUT/run"
 }
 
 case "${1:-}" in
     prepare) prepare ;;
     run) shift; run "$@" ;;
-    *) echo "usage: $0 prepare | run OUT_DIR" >&2; exit 2 ;;
+    rehearse) shift; rehearse "$@" ;;
+    *) echo "usage: $0 prepare | run OUT_DIR | rehearse OUT_DIR" >&2; exit 2 ;;
 esac
