@@ -38,12 +38,18 @@ def coarse_kept_slices(dnet: Tensor, P: int, R: int, S: int) -> Tensor:
     of ``r < R`` slices drops ``floor(S * r / R)``."""
     n, C = dnet.shape
     ns = C // P
-    scores = _finite_scores(dnet.float().reshape(n, ns, P).pow(2).sum(dim=(0, 2)))
+    return coarse_kept_slices_from_scores(dnet.float().reshape(n, ns, P).pow(2).sum(dim=(0, 2)), R, S)
+
+
+def coarse_kept_slices_from_scores(scores: Tensor, R: int, S: int) -> Tensor:
+    """:func:`coarse_kept_slices` given the squared L2 norm of every slice (``(C / P,)``)."""
+    ns = scores.shape[0]
+    scores = _finite_scores(scores)
     nr, rem = divmod(ns, R)
     parts = []
     if nr:
         keep = _keep_largest(scores[: nr * R].reshape(nr, R), S)
-        parts.append((keep + torch.arange(nr, device=dnet.device)[:, None] * R).reshape(-1))
+        parts.append((keep + torch.arange(nr, device=scores.device)[:, None] * R).reshape(-1))
     if rem:
         keep = _keep_largest(scores[nr * R :], (S * rem) // R)
         parts.append(keep + nr * R)

@@ -209,9 +209,10 @@ class TvmCpuLayerBackend(LayerBackend):
             if cfg.mode == "fine":
                 gs.check_fine_batch(cfg, B)
             cols = gate_cols(H)
+            scratch = Gt.new_empty(B, G)  # reused every step (a fresh 4H x B buffer page-faults)
             for t in range(T - 1, -1, -1):
                 lib["bwd_elem"](dY, Gt, Cs, idx_rec, WhT, a_rec, t, t + 1, DH, DC, dNet)
-                self._select(dNet[t], B, H, cols, cfg, plan, T - 1 - t if rev else t)
+                self._select(dNet[t], B, H, cols, cfg, plan, T - 1 - t if rev else t, scratch)
                 lib["bwd_dh"](dY, Gt, Cs, idx_rec, WhT, a_rec, t, t + 1, DH, DC, dNet)
 
         dx = dw_ih = dw_hh = db_ih = db_hh = None
@@ -239,8 +240,22 @@ class TvmCpuLayerBackend(LayerBackend):
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None
 
     @staticmethod
-    def _select(dnet_t: Tensor, B: int, H: int, cols: Tensor, cfg, plan, t_actual: int) -> None:
+    def _select(dnet_t: Tensor, B: int, H: int, cols: Tensor, cfg, plan, t_actual: int, scratch=None) -> None:
         """Zero what gate-gradient sparsity drops from one step's ``dNet`` (interleaved)."""
+        if cfg.mode == "coarse" and U % cfg.P == 0 and H % cfg.P == 0:
+            # a slice of P units of one gate is P contiguous interleaved columns: score and
+            # drop in place, without the gate-order copy
+            starts = cols[:: cfg.P]  # interleaved column of each slice's first unit
+            d = dnet_t[:B]
+            sq = (torch.mul(d, d, out=scratch) if scratch is not None else d * d).sum(0)
+            scores = _slice_sums(sq, starts, cfg.P)
+            sel = gs.coarse_kept_slices_from_scores(scores, cfg.R, cfg.S)
+            keep = torch.zeros(dnet_t.shape[1], dtype=torch.bool)
+            keep[(starts[sel][:, None] + torch.arange(cfg.P)).reshape(-1)] = True
+            dnet_t.masked_fill_(~keep, 0.0)
+            if plan.record_selections:
+                plan.selections[t_actual] = (sel[:, None] * cfg.P + torch.arange(cfg.P)).reshape(-1)
+            return
         d = dnet_t[:B].index_select(1, cols)  # (B, 4H) in PyTorch gate order
         keep = torch.zeros(dnet_t.shape[1], dtype=torch.bool)
         if cfg.mode == "fine":
@@ -260,6 +275,11 @@ class TvmCpuLayerBackend(LayerBackend):
             dnet_t.masked_fill_(~keep, 0.0)
         if plan.record_selections:
             plan.selections[t_actual] = sel
+
+
+def _slice_sums(sq: Tensor, starts: Tensor, P: int) -> Tensor:
+    """``sum(sq[starts[s] : starts[s] + P])`` for every slice ``s``."""
+    return sq.index_select(0, (starts[:, None] + torch.arange(P)).reshape(-1)).view(-1, P).sum(1)
 
 
 # --------------------------------------------------------------------------------------
