@@ -86,10 +86,11 @@ def detach(state):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: torch.Tensor, seq_len: int, max_batches: int | None = None) -> float:
-    """Perplexity of ``model`` on batchified ``data``."""
+def evaluate(model: nn.Module, data: torch.Tensor, seq_len: int, max_batches: int | None = None,
+             state=None) -> float:
+    """Perplexity of ``model`` on batchified ``data``, starting from ``state`` (None: zeros)."""
     model.eval()
-    total, count, state = 0.0, 0, None
+    total, count = 0.0, 0
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     for b, (x, y) in enumerate(bptt_batches(data, seq_len)):
         if max_batches is not None and b >= max_batches:

@@ -1,17 +1,37 @@
-"""Train a two-layer word-level LSTM language model with rnn_sparsify's training-time sparsity.
+"""Train a 2-layer word-level LSTM language model dense and through ``rnn_sparsify.sparsify``
+side by side, and compare perplexity and training speed.
 
-    python examples/train_lm.py                       # built-in default: a short CPU run
+    python examples/train_lm.py                       # the demo: dense vs sparse, about a minute on 2 CPU cores
+    python examples/train_lm.py --no-compare          # only the sparse model
     python examples/train_lm.py --gate fine --dropout-in 0.5 --dropout-rec 0.5 --steps 2000
-    python examples/train_lm.py --gate none --dropout-in 0 --dropout-rec 0   # dense baseline
+    python examples/train_lm.py --data my_corpus/ --out runs/lm.json --plot runs/lm.png
 
-The LSTM of the model is a ``SparseLSTM`` with ``StructuredDropout`` (NR + RH, Case III of
-Sarma et al.) and ``GateGradientSparsity`` (Zhu et al.); ``--dense-after`` switches the
-gate-gradient sparsity off for the final fraction of the steps (the paper's
-dense-after-sparse schedule). Prints validation perplexity and writes a JSON summary.
+Both runs start from the same initial weights, see the same batches and the same seed, and
+train for the same number of steps, one after the other in this process:
+
+* ``dense``: the plain model (``nn.LSTM``) with standard dropout at rate ``--dropout-in`` on
+  the embedding, between the LSTM layers and on the LSTM output;
+* ``sparse``: the same model through ``sparsify(model, StructuredDropout(...),
+  GateGradientSparsity...)``: structured dropout (NR ``--dropout-in`` + RH ``--dropout-rec``,
+  Sarma et al.; the embedding dropout is fused into it) and gate-gradient sparsity (``--gate``,
+  Zhu et al.) with dense gate gradients for the final ``--dense-after`` fraction of the steps.
+
+Prints the sparsify report, the layer backend the sparse LSTM ran on, a progress bar per run
+and a table (validation / test perplexity, ms per training step, speed-up vs dense); writes a
+PNG of the learning curves (``--plot``; needs matplotlib) and, with ``--out``, a JSON summary
+``{"runs": [{"variant", "val_ppl", "test_ppl", "ms_per_step", ...}, ...]}``. ms per step times
+only the training steps (forward, backward, clipping, optimizer step), not evaluation and not
+the first step (which compiles / loads kernels).
+
+``--data DIR`` is a folder with plain-text ``train.txt``, ``valid.txt`` and ``test.txt`` (one
+sentence or line per line; words split on whitespace, lower-cased, the ``--vocab`` most
+frequent training words kept, the rest ``<unk>``). The default is the shipped Shakespeare
+corpus in ``examples/data/shakespeare``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -24,12 +44,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_common import DATA_DIR, Corpus, WordLM, batchify, bptt_batches, detach, evaluate  # noqa: E402
 
-from rnn_sparsify import GateGradientSparsity, SparseLSTM, StructuredDropout  # noqa: E402
+from rnn_sparsify import GateGradientSparsity, StructuredDropout, sparsify  # noqa: E402
 
 try:
     from tqdm import tqdm
 except ImportError:  # pragma: no cover - tqdm is a dependency, but keep the example standalone
     tqdm = None
+
+SPLITS = ("train.txt", "valid.txt", "test.txt")
+DEFAULT_PLOT = Path("runs") / "lm_compare.png"
 
 
 def gate_config(name: str) -> GateGradientSparsity | None:
@@ -41,50 +64,86 @@ def gate_config(name: str) -> GateGradientSparsity | None:
     }[name]
 
 
-def main(argv=None) -> dict:
+def check_data(parser: argparse.ArgumentParser, data: Path) -> None:
+    """One-line error (exit 2) for a folder that is missing, lacks a split or has an empty one."""
+    if not data.is_dir():
+        parser.error(f"--data {data}: not a folder (it needs {', '.join(SPLITS)})")
+    missing = [s for s in SPLITS if not (data / s).is_file()]
+    if missing:
+        parser.error(f"--data {data}: missing {', '.join(missing)} (a data folder needs {', '.join(SPLITS)})")
+    for s in SPLITS:
+        try:
+            text = (data / s).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            parser.error(f"--data {data}: {s} is not UTF-8 text")
+        if not text.split():
+            parser.error(f"--data {data}: {s} is empty (no words)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DATA_DIR)
+    ap.add_argument("--data", type=Path, default=DATA_DIR, help="folder with train.txt, valid.txt, test.txt (default: shipped Shakespeare)")
+    ap.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train the dense model and compare (default: on; --no-compare trains only the sparse model)")
     ap.add_argument("--vocab", type=int, default=10000)
     ap.add_argument("--emb", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=200)
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--seq", type=int, default=35)
-    ap.add_argument("--steps", type=int, default=300, help="training steps (truncated-BPTT batches)")
+    ap.add_argument("--steps", type=int, default=300, help="training steps (truncated-BPTT batches) per run")
     ap.add_argument("--lr", type=float, default=20.0)
     ap.add_argument("--clip", type=float, default=0.25)
-    ap.add_argument("--dropout-in", type=float, default=0.3, help="structured NR dropout")
-    ap.add_argument("--dropout-rec", type=float, default=0.3, help="structured RH dropout")
-    ap.add_argument("--gate", choices=["none", "coarse", "fine", "meprop"], default="coarse")
+    ap.add_argument("--dropout-in", type=float, default=0.3,
+                    help="sparse: structured NR dropout; dense: the standard dropout rate")
+    ap.add_argument("--dropout-rec", type=float, default=0.3, help="sparse: structured RH dropout")
+    ap.add_argument("--gate", choices=["none", "coarse", "fine", "meprop"], default="coarse",
+                    help="gate-gradient sparsity of the sparse model")
     ap.add_argument("--dense-after", type=float, default=0.25, help="final fraction of steps with dense gate gradients")
-    ap.add_argument("--eval-batches", type=int, default=None, help="cap validation batches (None: all)")
+    ap.add_argument("--eval-batches", type=int, default=None, help="cap validation/test batches (default: all)")
+    ap.add_argument("--curve-points", type=int, default=5,
+                    help="validation points on the learning curve (on at most 20 validation batches; 0: none)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON summary here")
+    ap.add_argument("--plot", type=Path, default=None,
+                    help=f"learning-curve PNG (default: next to --out, else {DEFAULT_PLOT}); needs matplotlib")
+    ap.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
+    return ap
 
-    torch.manual_seed(args.seed)
-    corpus = Corpus(args.data, args.vocab)
-    train = batchify(corpus.train, args.batch).to(args.device)
-    valid = batchify(corpus.valid, 10).to(args.device)
-    model = WordLM(len(corpus), args.emb, args.hidden, num_layers=2, dropout=0.0).to(args.device)
-    sd = StructuredDropout(args.dropout_in, args.dropout_rec)
-    model.lstm = SparseLSTM.from_dense(model.lstm, structured_dropout=sd, gate_sparsity=gate_config(args.gate))
+
+EVAL_BATCH = 10
+
+
+def eval_state(args):
+    """Zero initial state for evaluation (a given state keeps the sparsified model on its traced forward)."""
+    return tuple(torch.zeros(2, EVAL_BATCH, args.hidden, device=args.device) for _ in range(2))
+
+
+def train_run(name, model, args, train, valid, state0, dense_from):
+    """Train ``model`` for ``args.steps`` steps; returns (per-step ms list, losses, val curve)."""
+    torch.manual_seed(args.seed + 1)  # same dropout stream seed for both runs
+    model.train()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
-    dense_from = int(math.ceil(args.steps * (1 - args.dense_after)))
-
     batches = bptt_batches(train, args.seq)
-    state, losses = None, []
-    start = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="train", unit="step") if tqdm else range(args.steps)
+    state = state0
+    losses, step_ms, curve = [], [], []
+    n_pts = max(0, min(args.curve_points, args.steps))
+    curve_at = {round(args.steps * (k + 1) / n_pts) - 1 for k in range(n_pts)} if n_pts else set()
+    curve_batches = min(20, args.eval_batches) if args.eval_batches else 20
+    bar = tqdm(range(args.steps), desc=f"{name:>6}", unit="step") if tqdm else range(args.steps)
     for step in bar:
-        if step == dense_from:
+        if dense_from is not None and step == dense_from:
             model.lstm.set_gate_sparsity_phase(False)
         try:
             x, y = next(batches)
         except StopIteration:
-            batches, state = bptt_batches(train, args.seq), None
+            batches, state = bptt_batches(train, args.seq), state0
             x, y = next(batches)
+        if x.size(0) != args.seq:  # ragged last chunk: restart (keeps every step the same shape)
+            batches, state = bptt_batches(train, args.seq), state0
+            x, y = next(batches)
+        t0 = time.perf_counter()
         state = detach(state)
         logits, state = model(x, state)
         loss = loss_fn(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
@@ -92,30 +151,135 @@ def main(argv=None) -> dict:
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
-        losses.append(loss.item())
+        lv = loss.item()
+        step_ms.append((time.perf_counter() - t0) * 1e3)
+        losses.append(lv)
+        if step in curve_at:
+            curve.append((step + 1, evaluate(model, valid, args.seq, curve_batches, eval_state(args))))
         if tqdm:
-            bar.set_postfix(loss=f"{loss.item():.3f}", phase="dense" if step >= dense_from else "sparse")
-    train_s = time.perf_counter() - start
-    ppl = evaluate(model, valid, args.seq, args.eval_batches)
+            post = {"loss": f"{lv:.3f}"}
+            if dense_from is not None:
+                post["phase"] = "dense" if step >= dense_from else "sparse"
+            bar.set_postfix(post)
+    if tqdm:
+        bar.close()
+    return step_ms, losses, curve
+
+
+def write_plot(path: Path, runs: list[dict], args) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib, or the project's "
+              "'bench' or 'dev' extra)")
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    w = max(1, args.steps // 30)
+    for r in runs:
+        losses = r["train_loss"]
+        smooth = [sum(losses[max(0, i - w + 1): i + 1]) / len(losses[max(0, i - w + 1): i + 1]) for i in range(len(losses))]
+        line, = ax1.plot(range(1, len(losses) + 1), smooth, label=f"{r['variant']} (train, mean of {w})")
+        ax1.plot(range(1, len(losses) + 1), losses, color=line.get_color(), alpha=0.2, lw=0.7)
+        if r["val_curve"]:
+            s, p = zip(*r["val_curve"])
+            ax2.plot(s, p, "o-", color=line.get_color(), label=f"{r['variant']} (valid, first batches)")
+        ax2.plot([args.steps], [r["val_ppl"]], "*", ms=12, color=line.get_color(), label=f"{r['variant']} final valid {r['val_ppl']:.1f}")
+    ax1.set(xlabel="training step", ylabel="training loss (nats/word)", title="training loss")
+    ax2.set(xlabel="training step", ylabel="validation perplexity", title="validation perplexity", yscale="log")
+    ax1.legend()
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{args.data.name}: 2x{args.hidden} LSTM LM, {args.steps} steps, batch {args.batch}x{args.seq}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> dict:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    check_data(ap, args.data)
+    if args.steps < 2:
+        ap.error("--steps must be at least 2 (the first step is warm-up and not timed)")
+
+    corpus = Corpus(args.data, args.vocab)
+    train = batchify(corpus.train, args.batch).to(args.device)
+    valid = batchify(corpus.valid, EVAL_BATCH).to(args.device)
+    test = batchify(corpus.test, EVAL_BATCH).to(args.device)
+    if train.size(0) <= args.seq:
+        ap.error(f"--data {args.data}: train.txt has too few words for --batch {args.batch} x --seq {args.seq}")
+    if valid.size(0) < 2 or test.size(0) < 2:
+        ap.error(f"--data {args.data}: valid.txt and test.txt need at least 20 words each")
+
+    torch.manual_seed(args.seed)
+    dense = WordLM(len(corpus), args.emb, args.hidden, num_layers=2, dropout=args.dropout_in).to(args.device)
+    init = copy.deepcopy(dense.state_dict())
+    state0 = tuple(torch.zeros(2, args.batch, args.hidden, device=args.device) for _ in range(2))
+    sd = StructuredDropout(args.dropout_in, args.dropout_rec)
+    gs = gate_config(args.gate)
+    configs = [sd] + ([gs] if gs is not None else [])
+    example = (train[: args.seq], state0)  # a training batch and state: the traced forward is the one training uses
+    sparse = sparsify(dense, *configs, example_inputs=example)
+    print(f"sparsify(model, {', '.join(repr(c) for c in configs)}):")
+    print(sparse.rnn_sparsify_report)
+    print()
+
+    plan = ([("dense", dense)] if args.compare else []) + [("sparse", sparse)]
+    dense_from = int(math.ceil(args.steps * (1 - args.dense_after))) if gs is not None else None
+    print(f"{len(plan)} run{'s' if len(plan) > 1 else ''} of {args.steps} steps, one after the other "
+          f"(sequential, same process, same initial weights, batches and seed); "
+          f"{torch.get_num_threads()} torch threads")
+    runs = []
+    for name, model in plan:
+        model.load_state_dict(init, strict=False)
+        step_ms, losses, curve = train_run(name, model, args, train, valid, state0,
+                                           dense_from if name == "sparse" else None)
+        backend = getattr(model.lstm, "last_backend", None) if name == "sparse" else "torch (nn.LSTM)"
+        if name == "sparse":
+            print(f"sparse LSTM layer backend: {backend}")
+        timed = step_ms[1:]
+        runs.append({
+            "variant": name,
+            "val_ppl": evaluate(model, valid, args.seq, args.eval_batches, eval_state(args)),
+            "test_ppl": evaluate(model, test, args.seq, args.eval_batches, eval_state(args)),
+            "ms_per_step": sum(timed) / len(timed),
+            "steps": args.steps,
+            "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "backend": backend,
+            "train_loss": losses,
+            "val_curve": curve,
+        })
+
+    base = runs[0]["ms_per_step"] if runs[0]["variant"] == "dense" else None
+    print()
+    print(f"{'variant':<8} {'valid ppl':>10} {'test ppl':>10} {'ms/step':>9} {'speed-up':>9}")
+    for r in runs:
+        sp = f"{base / r['ms_per_step']:.2f}x" if base else "-"
+        print(f"{r['variant']:<8} {r['val_ppl']:>10.2f} {r['test_ppl']:>10.2f} {r['ms_per_step']:>9.1f} {sp:>9}")
+    print(f"({args.steps} steps each, sequential runs; ms/step excludes evaluation and the first (warm-up) step)")
+
     summary = {
-        "valid_ppl": ppl,
-        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
-        "steps": args.steps,
-        "train_seconds": train_s,
-        "structured_dropout": sd.to_dict(),
-        "gate_sparsity": None if args.gate == "none" else gate_config(args.gate).to_dict(),
-        "dense_after": args.dense_after,
-        "hidden": args.hidden,
-        "batch": args.batch,
-        "seq": args.seq,
-        "vocab": len(corpus),
-        "device": args.device,
-        "torch": torch.__version__,
+        "runs": runs,
+        "config": {
+            "data": str(args.data), "vocab": len(corpus), "emb": args.emb, "hidden": args.hidden,
+            "batch": args.batch, "seq": args.seq, "steps": args.steps, "lr": args.lr, "seed": args.seed,
+            "structured_dropout": sd.to_dict(), "gate_sparsity": None if gs is None else gs.to_dict(),
+            "dense_after": args.dense_after, "dense_dropout": args.dropout_in,
+            "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        },
     }
-    print(f"validation perplexity {ppl:.2f} after {args.steps} steps ({train_s:.1f} s training)")
+    if not args.no_plot:
+        plot = args.plot or (args.out.with_suffix(".png") if args.out else DEFAULT_PLOT)
+        if write_plot(plot, runs, args):
+            print(f"learning curves: {plot}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2))
+        print(f"summary: {args.out}")
     return summary
 
 
