@@ -142,17 +142,13 @@ def cpu_layer_choice(mod, dtype) -> tuple[str, str]:
     """``(layer backend, why)`` for an LSTM's sparse training path on the CPU, as the rule list
     of :mod:`rnn_sparsify.kernels.layer` decides it (dry: nothing is built), with
     StructuredDropout(0.5, 0.5) when the module carries no config of its own."""
-    import copy
-
-
     from .config import StructuredDropout
     from .kernels.layer import explain_lstm
 
-    probe = copy.copy(mod)
-    probe.__dict__ = dict(mod.__dict__)
-    if getattr(probe, "structured_dropout", None) is None and getattr(probe, "gate_sparsity", None) is None:
-        probe.structured_dropout, probe.gate_sparsity = StructuredDropout(0.5, 0.5), None
-    name, verdicts = explain_lstm(probe, batch=20)  # dtype: the module's own parameters
+    configs = (getattr(mod, "structured_dropout", None), getattr(mod, "gate_sparsity", None))
+    if configs == (None, None):
+        configs = (StructuredDropout(0.5, 0.5), None)
+    name, verdicts = explain_lstm(mod, batch=20, configs=configs)  # dtype: the module's own parameters
     why = "; ".join(f"{r}: {v}" for r, v in verdicts)
     return name, why
 

@@ -78,14 +78,13 @@ def _kept_padded(idx: Optional[Tensor], T: int, n: int, K: int) -> Tensor:
 
 
 def _packed(w: Tensor, n: int, Hp: int, kernel) -> Tensor:
-    """``W^T`` of ``w`` for this call. Rebuilt at every forward (0.5-1 ms for a 650 x 2600
-    matrix): a cache keyed on the version counter would miss ``.data`` writes, and one keyed on
-    ``id``/``data_ptr`` would hand a new tensor at a reused address the old values."""
-    if w.is_contiguous():
-        wt = w.new_empty(n + 1, 4 * Hp)
-        kernel(w.detach(), wt)
-        return wt
-    return to_wt(w, n, Hp)
+    """``W^T`` of ``w`` for this call, by the generated ``to_wt`` kernel (the map of
+    :func:`to_wt`). Rebuilt at every forward (0.5-1 ms for a 650 x 2600 matrix): a cache keyed
+    on the version counter would miss ``.data`` writes, and one keyed on ``id``/``data_ptr``
+    would hand a new tensor at a reused address the old values."""
+    wt = w.new_empty(n + 1, 4 * Hp)
+    kernel(w.detach().contiguous(), wt)
+    return wt
 
 
 class TvmCpuLayerBackend(LayerBackend):
@@ -286,15 +285,14 @@ def _slice_sums(sq: Tensor, starts: Tensor, P: int) -> Tensor:
 # the rule
 
 _BACKENDS: dict[str, TvmCpuLayerBackend] = {}
-_NOTES: set = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _NOTES:
-        _NOTES.add(msg)
-        warnings.warn(f"rnn_sparsify: {msg}", RuntimeWarning, stacklevel=4)
-_FAILED: dict[tuple, str] = {}
+_FAILED: dict = {}  # spec -> why its kernels are unavailable (never retried)
 _WARNED: set = set()
+
+
+def _warn_once(msg: str, stacklevel: int = 4) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(f"rnn_sparsify: {msg}", RuntimeWarning, stacklevel=stacklevel)
 
 
 def _static_checks(problem: LayerProblem) -> Optional[str]:
@@ -340,8 +338,8 @@ def cpu_rule_dry(problem: LayerProblem):
     if not rt.tvm_ffi_available():
         return "CPU kernels unavailable: apache-tvm-ffi is not installed"
     be, spec = _spec(problem)
-    if (spec,) in _FAILED:
-        return _FAILED[(spec,)]
+    if spec in _FAILED:
+        return _FAILED[spec]
     for root in rt._search_roots():
         if rt._valid_entry(rt.entry_dir(root, spec)):
             return ("tvm_cpu", f"{be.isa} kernels in {root}")
@@ -359,9 +357,8 @@ def cpu_rule(problem: LayerProblem):
     from .cpu_runtime import KernelUnavailable
 
     be, spec = _spec(problem)
-    key = (spec,)
-    if key in _FAILED:
-        return _FAILED[key]
+    if spec in _FAILED:
+        return _FAILED[spec]
     try:
         from .cpu_runtime import load_layer
 
@@ -369,15 +366,8 @@ def cpu_rule(problem: LayerProblem):
     except Exception as e:  # unavailable, or a failed build: never retried, never an error
         kind = "" if isinstance(e, (KernelUnavailable, OSError, ImportError)) else f"{type(e).__name__}: "
         reason = f"CPU kernels unavailable: {kind}{e}"
-        _FAILED[key] = reason
-        if reason not in _WARNED:
-            _WARNED.add(reason)
-            warnings.warn(
-                f"rnn_sparsify: {reason}; the sparse LSTM runs on the PyTorch reference "
-                "kernels (slower)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        _FAILED[spec] = reason
+        _warn_once(f"{reason}; the sparse LSTM runs on the PyTorch reference kernels (slower)", stacklevel=3)
         return reason
     return be
 

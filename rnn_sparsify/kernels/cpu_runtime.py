@@ -354,10 +354,6 @@ def load_layer(spec: CpuLayerSpec) -> LayerLibrary:
         raise KernelUnavailable("apache-tvm-ffi is not installed (pip install apache-tvm-ffi)")
     import tvm_ffi
 
-    with _LOCK:
-        lib = _LOADED.get(key)
-        if lib is not None:
-            return lib
     folder = find_or_build(spec)
     path = folder / "layer.so"
     mod = tvm_ffi.load_module(str(path))

@@ -63,10 +63,6 @@ class LayerProblem:
     def device_type(self) -> str:
         return self.device.type
 
-    @property
-    def sparse(self) -> bool:
-        return self.in_keep is not None or self.rec_keep is not None or self.gate_mode is not None
-
 
 class LayerBackend:
     """Base class of layer backends (see the module docstring for the contract)."""
@@ -129,16 +125,19 @@ class _Named(LayerBackend):
         self.name = name
 
 
-def explain_lstm(module, batch: int = 1, seq_len: int = 35) -> tuple[str, list[tuple[str, str]]]:
+def explain_lstm(module, batch: int = 1, seq_len: int = 35, configs: Optional[tuple] = None
+                 ) -> tuple[str, list[tuple[str, str]]]:
     """``(backend name, verdicts)`` for the first layer of an LSTM / LSTMCell module in training
-    with its configs (dry: nothing is built). A module with nothing sparse runs ``nn.LSTM``."""
+    (dry: nothing is built), with the module's own configs or ``configs`` =
+    ``(structured_dropout, gate_sparsity)``. A module with nothing sparse runs ``nn.LSTM``."""
     from ..config import kept_count
 
     w = next(iter(module.parameters()), None)
     if w is None:
         return "nn.LSTM", [("dense", "no parameters")]
-    sd = getattr(module, "structured_dropout", None)
-    gs = getattr(module, "gate_sparsity", None)
+    if configs is None:
+        configs = (getattr(module, "structured_dropout", None), getattr(module, "gate_sparsity", None))
+    sd, gs = configs
     if not ((sd is not None and sd.active) or gs is not None):
         return "nn.LSTM", [("dense", "nothing sparse in training: nn.LSTM's own kernels (oneDNN/cuDNN)")]
     I, H = module.input_size, module.hidden_size

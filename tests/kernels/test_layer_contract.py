@@ -355,4 +355,11 @@ def test_dry_selection_builds_and_loads_nothing(tmp_path, monkeypatch):
     assert verdicts == [("tvm_cpu", "dtype torch.float64 (the CPU kernels are float32)"), REF_VERDICT]
     name, verdicts = explain_lstm(SparseLSTM(24, 20))
     assert name == "nn.LSTM" and verdicts[0][0] == "dense"
+    # the configs a report is about to apply, for a plain nn.LSTM (the module is not touched)
+    plain = torch.nn.LSTM(24, 20)
+    name, verdicts = explain_lstm(plain, batch=3, configs=(StructuredDropout(0.5, 0.5), None))
+    assert name == ("tvm_cpu" if cpu_runtime.tvm_available() else "reference")
+    assert verdicts[0][0] == "tvm_cpu" and not hasattr(plain, "structured_dropout")
+    name, verdicts = explain_lstm(plain, configs=(None, None))
+    assert name == "nn.LSTM"
     assert not (tmp_path / "empty").exists()
