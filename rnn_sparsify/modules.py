@@ -211,6 +211,13 @@ class SparseLSTM(SparseMixin, nn.LSTM):
     # -- forward ------------------------------------------------------------------------
     def forward(self, input, hx=None):  # noqa: D401 - same contract as nn.LSTM.forward
         if not self._wants_sparse_path():
+            if not self.training and getattr(self, "weight_sparsity", None) is not None:
+                from .kernels.cpu_sparse_eval import sparse_eval_forward
+
+                out = sparse_eval_forward(self, input, hx)
+                if out is not None:
+                    self.last_path = "sparse_eval"
+                    return out
             self.last_path = "dense"
             return super().forward(input, hx)
         self.last_path = "sparse"

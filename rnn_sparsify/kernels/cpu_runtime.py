@@ -121,6 +121,10 @@ def tvm_available() -> bool:
         return False
 
 
+def _is_sparse_eval(spec) -> bool:
+    return getattr(spec, "kind", "") == "sparse_eval"
+
+
 def spec_key(spec: CpuLayerSpec) -> str:
     blob = json.dumps(spec.to_dict(), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -286,18 +290,20 @@ def _valid_entry(folder: Path) -> bool:
 
 def build_entry(spec: CpuLayerSpec, root: Path, *, quiet: bool = False) -> Path:
     """Build the library of ``spec`` into ``root``'s cpu tree (needs TVM); returns its folder."""
-    from rnn_sparsify.codegen import cpu_lstm  # imports TVM lazily inside
+    from rnn_sparsify.codegen import cpu_lstm, cpu_sparse  # import TVM lazily inside
 
+    build = cpu_sparse.build_library if _is_sparse_eval(spec) else cpu_lstm.build_layer_library
     folder = entry_dir(root, spec)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=folder.parent))
     t0 = time.perf_counter()
     if not quiet:
-        print(f"rnn_sparsify: compiling CPU kernels for an LSTM layer (input {spec.input_size}, "
-              f"hidden {spec.hidden_size}, batch {spec.batch}, kept {spec.k_in}/{spec.k_rec}, "
-              f"{spec.isa}) ...", file=sys.stderr, flush=True)
+        what = (spec.describe() if _is_sparse_eval(spec) else
+                f"an LSTM layer (input {spec.input_size}, hidden {spec.hidden_size}, batch "
+                f"{spec.batch}, kept {spec.k_in}/{spec.k_rec}, {spec.isa})")
+        print(f"rnn_sparsify: compiling CPU kernels for {what} ...", file=sys.stderr, flush=True)
     try:
-        cpu_lstm.build_layer_library(spec, str(tmp / "layer.so"))
+        build(spec, str(tmp / "layer.so"))
         man = {"spec": spec.to_dict(), "sha256": _sha256(tmp / "layer.so"),
                "mcpu": cpu_lstm.build_mcpu(spec), "tvm": cpu_lstm.tvm_version(),
                "seconds": round(time.perf_counter() - t0, 2)}
@@ -358,8 +364,11 @@ def load_layer(spec: CpuLayerSpec) -> LayerLibrary:
     path = folder / "layer.so"
     mod = tvm_ffi.load_module(str(path))
     _install_hooks(path)  # after load_module: a TVM in the process must not install its pool
-    names = ("pack_in", "in_proj", "fwd_loop", "bwd_loop", "bwd_elem", "bwd_dh", "wgrad_in",
-             "wgrad_rec", "dx", "to_wt_in", "to_wt_rec", "from_wt_in", "from_wt_rec")
+    if _is_sparse_eval(spec):
+        from rnn_sparsify.codegen.cpu_sparse import KERNEL_NAMES as names
+    else:
+        names = ("pack_in", "in_proj", "fwd_loop", "bwd_loop", "bwd_elem", "bwd_dh", "wgrad_in",
+                 "wgrad_rec", "dx", "to_wt_in", "to_wt_rec", "from_wt_in", "from_wt_rec")
     lib = LayerLibrary(spec, path, {n: mod[n] for n in names})
     lib.module = mod  # keep the module alive
     with _LOCK:
