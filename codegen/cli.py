@@ -86,16 +86,30 @@ def cpu_layer_specs(lspec, isa: str) -> list:
     return out
 
 
-def compile_cpu(lspecs, out, *, isa: str | None = None, quiet: bool = False) -> list:
+def cpu_eval_specs(lspec, isa: str) -> list:
+    """The weight-sparse eval kernel specs one LSTM spec needs (one per layer input width)."""
+    from .cpu_sparse import CpuSparseEvalSpec, pad_batch
+
+    D = 2 if lspec.bidirectional else 1
+    H = lspec.hidden_size
+    widths = dict.fromkeys([lspec.input_size] + [H * D] * (lspec.num_layers - 1))
+    return [CpuSparseEvalSpec(input_size=n, hidden_size=H, batch=pad_batch(lspec.batch, isa), isa=isa)
+            for n in widths]
+
+
+def compile_cpu(lspecs, out, *, isa: str | None = None, quiet: bool = False, eval_kernels: bool = False) -> list:
     """``compile --target cpu``: build the CPU kernel libraries of ``lspecs`` into ``out``'s
-    ``cpu/`` tree (the cache layout), plus the kernel runtime. Returns the folders."""
+    ``cpu/`` tree (the cache layout), plus the kernel runtime. Returns the folders.
+    ``eval_kernels``: also the weight-sparse eval kernels (``--eval-kernels``)."""
     from pathlib import Path
 
     from rnn_sparsify.kernels import cpu_runtime
 
     isa = isa or cpu_runtime.host_isa()
     root = Path(out)
-    specs = [s for ls in lspecs for s in cpu_layer_specs(ls, isa)]
+    specs = [s for ls in lspecs if ls.structured_dropout or ls.gate_sparsity for s in cpu_layer_specs(ls, isa)]
+    if eval_kernels:
+        specs += [s for ls in lspecs for s in cpu_eval_specs(ls, isa)]
     folders = []
     for spec in dict.fromkeys(specs):
         folder = cpu_runtime.entry_dir(root, spec)
@@ -128,10 +142,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
                 dtype="float32", structured_dropout=sd.to_dict() if sd else None,
                 gate_sparsity=gs.to_dict() if gs else None,
             )]
-        if not lspecs or all(ls.structured_dropout is None and ls.gate_sparsity is None for ls in lspecs):
+        if not lspecs or (not args.eval_kernels and all(
+                ls.structured_dropout is None and ls.gate_sparsity is None for ls in lspecs)):
             raise NothingToBuildError("nothing to build: no LSTM has a sparsity config (dense LSTMs run "
-                                      "on nn.LSTM); pass --p-input/--p-recurrent or --gate")
-        folders = compile_cpu(lspecs, args.out, quiet=args.quiet)
+                                      "on nn.LSTM); pass --p-input/--p-recurrent or --gate, or "
+                                      "--eval-kernels for weight-sparse eval")
+        folders = compile_cpu(lspecs, args.out, quiet=args.quiet, eval_kernels=args.eval_kernels)
         print(f"bundle {args.out}: {len(folders)} CPU kernel libraries (cpu/), load with "
               f"RNN_SPARSIFY_KERNELS={args.out} or rnn_sparsify.kernels.cpu_runtime.use_cpu_bundle()")
         return 0
@@ -226,6 +242,8 @@ def register(subparsers, parents=()) -> None:
     p.add_argument("--p-input", type=probability, default=0.0, help="structured dropout of the input units, in [0, 1)")
     p.add_argument("--p-recurrent", type=probability, default=0.0, help="structured dropout of h_{t-1}, in [0, 1)")
     p.add_argument("--gate", type=gate_spec, help=f"gate-gradient sparsity: {GATE_HELP}")
+    p.add_argument("--eval-kernels", action="store_true",
+                   help="--target cpu: also the weight-sparse eval() kernels (pruned LSTMs; any sparsity)")
     p.add_argument("--cache-dir", default=None, help="compile cache (default ~/.cache/rnn_sparsify/kernels)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compile, check=_check_compile, subparser=p)

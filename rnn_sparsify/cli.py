@@ -265,10 +265,13 @@ def _model_backends(spec: str) -> list[str]:
         for dev in devices:
             if dev == "cpu" and mod is not None and hasattr(mod, "input_size"):
                 b, why = cpu_layer_choice(mod, dtype)
+                from .kernels.cpu_sparse_eval import explain_eval
+
+                ev = explain_eval(mod)
             else:
                 b, why = backend_choice(dev, dtype)
-            rows.append(f"  {name} ({e.kind}, {str(dtype).replace('torch.', '')}) on {dev}: {b} ({why}); "
-                        "eval() runs the dense PyTorch path")
+                ev = "eval() runs the dense PyTorch path"
+            rows.append(f"  {name} ({e.kind}, {str(dtype).replace('torch.', '')}) on {dev}: {b} ({why}); {ev}")
     return rows
 
 

@@ -144,6 +144,41 @@ def why_not(mod, input, hx) -> Optional[str]:
     return None
 
 
+def rule_text() -> str:
+    """:data:`DENSITY_LIMITS` in words: "<= 12% dense at batch 1, <= 22% at batch 2-8, ..."."""
+    parts, lo = [], 1
+    for top, lim in DENSITY_LIMITS:
+        at = f"batch {lo}" if top == lo else (f"batch {lo}-{top}" if top else f"batch > {lo - 1}")
+        parts.append(f"<= {lim:.0%} dense at {at}")
+        lo = (top or 0) + 1
+    return ", ".join(parts)
+
+
+def explain_eval(mod) -> str:
+    """What ``eval()`` of ``mod`` runs on the CPU, in words (dry: nothing is built)."""
+    from torch import nn
+
+    if getattr(mod, "weight_sparsity", None) is None:
+        return "eval() runs the dense PyTorch path"
+    if not isinstance(mod, nn.LSTM):
+        return "eval() runs the dense PyTorch path (no weight-sparse eval kernels for cells)"
+    static = None
+    if os.environ.get("RNN_SPARSIFY_CPU_KERNELS", "1") == "0":
+        static = "switched off by RNN_SPARSIFY_CPU_KERNELS=0"
+    elif "hh" not in {m.kind for m in _masked(mod)}:
+        static = "W_hh is not masked"
+    elif mod.proj_size:
+        static = "proj_size > 0"
+    elif any(p.dtype != torch.float32 for p in mod._flat_weights if p is not None):
+        static = "the kernels are float32"
+    if static:
+        return f"eval() runs the dense PyTorch path ({static})"
+    dens = max(float(torch.count_nonzero(getattr(mod, m.name))) / getattr(mod, m.name).numel()
+               for m in _masked(mod))
+    return (f"eval() under no_grad on float32 CPU tensors: weight-sparse kernels ({BACKEND}) when {rule_text()}; "
+            f"now {dens:.0%} dense, else nn.LSTM")
+
+
 class _Prepared:
     """The sparse formats of one module's weights, valid for one set of weight versions."""
 
@@ -324,4 +359,5 @@ def _run(mod, input: Tensor, hx):
     return output, (hn, cn)
 
 
-__all__ = ["BACKEND", "DENSITY_LIMITS", "density_limit", "padded_csr", "sparse_eval_forward", "why_not"]
+__all__ = ["BACKEND", "DENSITY_LIMITS", "density_limit", "explain_eval", "padded_csr", "sparse_eval_forward",
+           "why_not"]

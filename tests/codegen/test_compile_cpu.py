@@ -57,3 +57,32 @@ def test_cuda_target_still_needs_arch(tmp_path):
                           "--batch", "2", "--seq-len", "3", "--p-input", "0.5"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--arch" in res.stderr
+
+
+def test_eval_kernels_bundle_serves_weight_sparse_eval_without_tvm(tmp_path):
+    out = tmp_path / "bundle"
+    res = subprocess.run([CLI, "compile", "--target", "cpu", "-o", str(out), "--input-size", "24",
+                          "--hidden-size", "20", "--num-layers", "2", "--batch", "3", "--seq-len", "4",
+                          "--eval-kernels", "-q"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    mans = [json.loads(p.read_text()) for p in out.glob("cpu/*/*/manifest.json")]
+    assert sorted((m["spec"]["kind"], m["spec"]["input_size"]) for m in mans) == [
+        ("sparse_eval", 20), ("sparse_eval", 24)]
+    code = (
+        "import sys, torch\n"
+        "from rnn_sparsify import SparseLSTM\n"
+        "from rnn_sparsify.weight_sparsity import WeightSparsity, attach_weight_sparsity\n"
+        "torch.manual_seed(0)\n"
+        "m = SparseLSTM(24, 20, num_layers=2)\n"
+        "attach_weight_sparsity(m, WeightSparsity('dst', total_steps=10, target_sparsity=0.95))\n"
+        "m.eval()\n"
+        "x = torch.randn(4, 3, 24)\n"
+        "with torch.no_grad():\n"
+        "    y = m(x)[0]; r = torch.nn.LSTM.forward(m, x)[0]\n"
+        "print(m.last_eval_backend, 'tvm' in sys.modules, float((y - r).abs().max()) < 1e-5)\n"
+    )
+    env = {**os.environ, "RNN_SPARSIFY_KERNELS": str(out), "RNN_SPARSIFY_CACHE": str(tmp_path / "empty")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["tvm_cpu_sparse_eval", "False", "True"]
+    assert "compiling" not in run.stderr

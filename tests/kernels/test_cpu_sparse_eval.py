@@ -41,7 +41,7 @@ def pruned(I, H, *, layers=1, sparsity=0.9, weights=("ih", "hh"), seed=0, **kw) 
             if p.dim() == 2 and name.split("_")[1] in weights:
                 p[torch.rand(p.shape, generator=g) < sparsity] = 0
     # the masks are taken from the non-zero weights when a checkpoint without masks loads
-    sd = m.state_dict()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
     attach_weight_sparsity(m, WeightSparsity("dst", total_steps=100, target_sparsity=sparsity, weights=weights))
     m.load_state_dict(sd, strict=False)
     with torch.no_grad():  # attach drew a random DST topology: put the weights back
@@ -309,3 +309,12 @@ def test_sparsify_trained_model_evaluates_on_the_kernels():
     with torch.no_grad():
         assert rel_err(model.rnn(emb)[0], ref[0]) < RTOL
         assert rel_err(logits, model.out(ref[0].float())) < RTOL
+
+
+def test_explain_eval_says_what_eval_runs(monkeypatch):
+    m = pruned(12, 16)
+    text = cse.explain_eval(m)
+    assert cse.BACKEND in text and "now 10% dense" in text and "<= 22% dense at batch 2-8" in text
+    assert cse.explain_eval(SparseLSTM(12, 16)) == "eval() runs the dense PyTorch path"
+    monkeypatch.setenv("RNN_SPARSIFY_CPU_KERNELS", "0")
+    assert "RNN_SPARSIFY_CPU_KERNELS=0" in cse.explain_eval(m)
