@@ -3,7 +3,9 @@
 The path of a model: :func:`~.trace.trace_degrading` (fx where possible, opaque elsewhere)
 -> :func:`~.find_lstm.find_lstms` (modules, hand-written cells of :mod:`.match_cell`,
 TorchScript) -> :mod:`.rewrite` (cell regions, module swaps) and :mod:`.fuse_dropout`.
-:func:`rnn_sparsify.sparsify` runs them; ``docs/passes.md`` lists what is matched.
+:func:`rnn_sparsify.sparsify` runs them as the pipeline of :mod:`.sparsify_passes` (named passes
+with the facts each requires and ensures, checked by :mod:`.pipeline`); ``docs/passes.md`` lists
+what is matched, ``docs/architecture.md`` the passes.
 networkx is imported only when a graph is matched.
 """
 from .find_lstm import LSTMSite, find_lstms

@@ -31,8 +31,7 @@ __all__ = ["LSTMSite", "find_lstms", "module_shapes", "display_fqn", "explicit_b
            "PROBABLE_LAYER"]
 
 
-def display_fqn(fqn: str) -> str:
-    return fqn if fqn else "<root>"
+from rnn_sparsify.report import display_fqn  # noqa: E402,F401 - one definition, re-exported here
 
 
 @dataclass
@@ -47,6 +46,7 @@ class LSTMSite:
     refusal: Optional[str] = None
     aliases: list[str] = field(default_factory=list)  # other names of the same module
     node: Optional[str] = None  # node name of h' for hand-written cells
+    layer: Optional[object] = None  # CapturedLayer of a hand-written layer (passes/capture.py)
 
 
 def module_shapes(m: nn.Module) -> dict:

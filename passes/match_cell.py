@@ -403,7 +403,8 @@ def _common_scope(nodes: list[fx.Node]) -> str:
     return common[-1] if common else ""
 
 
-def _verify(gm: fx.GraphModule, m: dict[str, fx.Node]) -> Union[CellMatch, str]:
+def _verify(gm: fx.GraphModule, m: dict[str, fx.Node], recurrent_weights: frozenset = frozenset()
+            ) -> Union[CellMatch, str]:
     roles = {"i": m["sig_i"], "f": m["sig_f"], "g": m["tanh_g"], "o": m["sig_o"]}
     for name in ("mul_ig", "mul_fc", "add_c", "mul_h"):
         if not _is_plain_binary(m[name]):
@@ -500,7 +501,7 @@ def _verify(gm: fx.GraphModule, m: dict[str, fx.Node]) -> Union[CellMatch, str]:
             return f"gate {r} is split with size {sr[2]}, not hidden_size={H}"
         if isinstance(sr[1], tuple) and sr[1][2] is not None and sr[1][2] - sr[1][1] != H:
             return f"gate {r} slice has width {sr[1][2] - sr[1][1]}, not hidden_size={H}"
-    h_node, how = _which_is_h(gm, cands, c, projections, H)
+    h_node, how = _which_is_h(gm, cands, c, projections, H, recurrent_weights)
     if h_node is None:
         return how
     x_node = cands[1] if h_node is cands[0] else cands[0]
@@ -567,7 +568,8 @@ def _root_name(n: fx.Node) -> str:
     return str(n.target) if n.op == "placeholder" else n.name
 
 
-def _which_is_h(gm, cands: list[fx.Node], c: fx.Node, projections: list[Projection], H: int):
+def _which_is_h(gm, cands: list[fx.Node], c: fx.Node, projections: list[Projection], H: int,
+                recurrent_weights: frozenset = frozenset()):
     a, b = cands
 
     def tuple_src(n: fx.Node):
@@ -596,14 +598,26 @@ def _which_is_h(gm, cands: list[fx.Node], c: fx.Node, projections: list[Projecti
         k = placeholders.index(c)
         if k > 0 and placeholders[k - 1] in cands:
             return placeholders[k - 1], "h is the argument right before c"
+    # an unrolled loop: the previous step's h' = o * tanh(c) of this step's c
+    prev = [n for n in cands if node_kind(gm, n) == "mul" and any(
+        isinstance(a, fx.Node) and node_kind(gm, a) == "tanh" and a.args and a.args[0] is c for a in n.args)]
+    if len(prev) == 1:
+        return prev[0], "h is the previous step's h' = o * tanh(c) (unrolled loop)"
+    if len(projections) == 2 and recurrent_weights:
+        rec = [p.inp for p in projections if p.weight in recurrent_weights]
+        if len(rec) == 1:
+            return rec[0], "h is the input of the recurrent projection (as at the other unrolled steps)"
     return None, (
         "cannot tell the input x from the hidden state h (h is not passed with c, and "
         "input_size == hidden_size)"
     )
 
 
-def match_lstm_cells(gm: fx.GraphModule) -> tuple[list[CellMatch], list[CellRefusal]]:
-    """All hand-written LSTM cells of ``gm`` (non-overlapping) and the refused candidates."""
+def match_lstm_cells(gm: fx.GraphModule, recurrent_weights=None) -> tuple[list[CellMatch], list[CellRefusal]]:
+    """All hand-written LSTM cells of ``gm`` (non-overlapping) and the refused candidates.
+    ``recurrent_weights``: parameter targets known to be recurrent projections (from other
+    steps of an unrolled loop); they tell h from x where nothing else does."""
+    recurrent_weights = frozenset(recurrent_weights or ())
     kinds = {node_kind(gm, n) for n in gm.graph.nodes}
     if not {"sigmoid", "tanh", "mul", "add"} <= kinds:
         return [], []
@@ -623,7 +637,7 @@ def match_lstm_cells(gm: fx.GraphModule) -> tuple[list[CellMatch], list[CellRefu
             anchor = m["mul_h"]
             if anchor in found:
                 continue
-            got = _verify(gm, m)
+            got = _verify(gm, m, recurrent_weights)
             if isinstance(got, CellMatch):
                 if taken & set(got.nodes):
                     continue

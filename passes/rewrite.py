@@ -212,7 +212,8 @@ class _GraphForward(_Rebuildable):
     :class:`ForwardGuard` (the original forward runs when the guard fails)."""
 
     def forward(self, *args, **kwargs):
-        if self.__dict__.get("_rnn_sparsify_force_original"):  # sparsify's verification pass
+        if self.__dict__.get("_rnn_sparsify_force_original") or (  # sparsify's verification pass
+                not self.training and self.__dict__.get("_rnn_sparsify_eval_original")):  # a captured layer in eval()
             return self._rnn_sparsify_base.forward(self, *args, **kwargs)
         guard = self.__dict__.get("_rnn_sparsify_guard")
         if guard is not None:

@@ -7,6 +7,7 @@ the config's type.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -212,6 +213,11 @@ CONFIG_TYPES: dict[str, type] = {
 }
 
 
+# config kinds defined in a module that is imported only when used (no import back from
+# here: that module imports this one to register itself)
+_REGISTERED_ELSEWHERE: dict[str, str] = {"weight_sparsity": "rnn_sparsify.weight_sparsity.config"}
+
+
 def register_config(cls: type) -> type:
     """Register a config class so :func:`config_from_dict` can rebuild it."""
     CONFIG_TYPES[cls.kind] = cls
@@ -222,8 +228,8 @@ def config_from_dict(d: dict[str, Any]):
     """Inverse of ``cfg.to_dict()``."""
     d = dict(d)
     kind = d.pop("kind", None)
+    if kind not in CONFIG_TYPES and kind in _REGISTERED_ELSEWHERE:
+        importlib.import_module(_REGISTERED_ELSEWHERE[kind])  # registers the class on import
     if kind not in CONFIG_TYPES:
-        from . import weight_sparsity  # noqa: F401  (registers WeightSparsity on import)
-    if kind not in CONFIG_TYPES:
-        raise ValueError(f"unknown config kind {kind!r}; known: {sorted(CONFIG_TYPES)}")
+        raise ValueError(f"unknown config kind {kind!r}; known: {sorted(set(CONFIG_TYPES) | set(_REGISTERED_ELSEWHERE))}")
     return CONFIG_TYPES[kind](**d)

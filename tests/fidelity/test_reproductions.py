@@ -451,7 +451,8 @@ def test_verification_undoes_a_rewrite_that_changes_eval_outputs(monkeypatch):
     assert torch.equal(sp(x), m(x))
 
 
-# issue 10, item 4 (reporting only): a hand-written layer in untraceable code ------------------
+# issue 10, item 4: a hand-written layer in untraceable code, without example inputs (reported;
+# with example inputs it is captured: tests/fidelity/test_captured_layers.py) ----------------
 class LNLayer(nn.Module):
     """A LayerNorm-LSTM layer looped in Python (issue 10, reproduction 3)."""
 
