@@ -311,7 +311,7 @@ def _run(mod, input: Tensor, hx):
             raise _Unavailable("unexpected hx (nn.LSTM reports the error)")
     limit = density_limit(B)
     prep = _prepare(mod, limit)
-    if prep.layers is None:
+    if prep.density > limit:
         raise _Unavailable(f"weights {prep.density:.0%} dense (> {limit:.0%} at batch {B}: "
                            "nn.LSTM's dense kernels are faster)")
     libs = {}

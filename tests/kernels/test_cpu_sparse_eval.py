@@ -191,12 +191,20 @@ def test_grad_needed_runs_dense_with_one_warning():
         m(x)  # once per module
 
 
-def test_too_dense_runs_dense():
+def test_too_dense_runs_dense(monkeypatch):
     m = pruned(12, 16, sparsity=0.5)
     x = torch.randn(3, 2, 12)
     with torch.no_grad():
         out = m(x)
     assert "dense" in m.last_eval_reason and "nn.LSTM's dense kernels are faster" in m.last_eval_reason
+    _dense_ran(m, out, x)
+    monkeypatch.setenv("RNN_SPARSIFY_EVAL_DENSITY_LIMIT", "1")  # past the break-even: kernels
+    with torch.no_grad():
+        check_close(m(x), dense_reference(m, x))
+    assert m.last_path == "sparse_eval"
+    monkeypatch.delenv("RNN_SPARSIFY_EVAL_DENSITY_LIMIT")  # the rule again, formats built or not
+    with torch.no_grad():
+        out = m(x)
     _dense_ran(m, out, x)
 
 
