@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 from .cpu_lstm import _sigmoid, _tanh, build_mcpu, llvm_target, tvm_version  # noqa: F401
 
-SPARSE_GENERATOR_VERSION = "3"
+SPARSE_GENERATOR_VERSION = "4"
 U = 16  # units per parallel task of rec_loop
 
 #: columns per register tile of spmm_in, per ISA class (8 vector accumulators)
@@ -96,12 +96,12 @@ class CpuSparseEvalSpec:
 
 
 def pad_batch(b: int, isa: str) -> int:
-    """The batch the kernels run: 4, 8, else a multiple of the vector width."""
+    """The batch the kernels run: 4, 8, else a multiple of 8 (of 4 with 128-bit vectors)."""
     v = V_OF[isa]
     for cand in (4, 8):
         if b <= cand and cand <= v:
             return cand
-    return -(-b // v) * v
+    return -(-b // 8) * 8 if v >= 8 else -(-b // 4) * 4
 
 
 def _tree(terms):
@@ -173,6 +173,8 @@ def make_rec_loop(spec: CpuSparseEvalSpec):
     # PACK non-zeros per vector FMA when the batch is narrower than a vector register
     PACK = V // B if (B < V and V % B == 0 and P % (V // B) == 0 and PACK_ON) else 1
     SEL = [(i // B) * PACK + i // B for i in range(PACK * B)]  # lane pk of the pk-th copy
+    VW = max(w for w in (1, 2, 4, 8, 16) if w <= V and B % w == 0)
+    NBC = B // VW
     CAT = list(range(PACK * B))
     assert (U * B) % CW == 0
 
@@ -199,8 +201,9 @@ def make_rec_loop(spec: CpuSparseEvalSpec):
                     if ub * U + u < H:
                         for g in T.unroll(4):
                             for q in T.unroll(PK):
-                                for b in T.vectorized(B):
-                                    acc[q, b] = T.float32(0)
+                                for bc in T.unroll(NBC):
+                                    for b in T.vectorized(VW):
+                                        acc[q, bc * VW + b] = T.float32(0)
                             if PACK > 1:
                                 for q2 in T.unroll(P // PACK):
                                     for l in T.vectorized(PACK * B):
@@ -215,14 +218,17 @@ def make_rec_loop(spec: CpuSparseEvalSpec):
                                 for b in T.vectorized(B):
                                     gs[g, u * B + b] = G[(ub * U + u) * 4 + g, t * B + b] + _tree(
                                         [pacc[q2, pk * B + b] for q2 in range(P // PACK) for pk in range(PACK)])
-                            else:
+                            else:  # the batch in NBC vectors of VW lanes (power-of-two widths)
                                 for jj in range((indptr[(ub * U + u) * 4 + g + 1] - indptr[(ub * U + u) * 4 + g]) // P):
                                     for q in T.unroll(P):
-                                        for b in T.vectorized(B):
-                                            acc[q % PK, b] = acc[q % PK, b] + val[indptr[(ub * U + u) * 4 + g] + jj * P + q] * Hs[
-                                                t, T.Cast("int32", off[indptr[(ub * U + u) * 4 + g] + jj * P + q]) + b]
-                                for b in T.vectorized(B):
-                                    gs[g, u * B + b] = G[(ub * U + u) * 4 + g, t * B + b] + _tree([acc[q, b] for q in range(PK)])
+                                        for bc in T.unroll(NBC):
+                                            for b in T.vectorized(VW):
+                                                acc[q % PK, bc * VW + b] = acc[q % PK, bc * VW + b] + val[indptr[(ub * U + u) * 4 + g] + jj * P + q] * Hs[
+                                                    t, T.Cast("int32", off[indptr[(ub * U + u) * 4 + g] + jj * P + q]) + bc * VW + b]
+                                for bc in T.unroll(NBC):
+                                    for b in T.vectorized(VW):
+                                        gs[g, u * B + bc * VW + b] = G[(ub * U + u) * 4 + g, t * B + bc * VW + b] + _tree(
+                                            [acc[q, bc * VW + b] for q in range(PK)])
                     else:
                         for g in T.unroll(4):
                             for b in T.vectorized(B):
