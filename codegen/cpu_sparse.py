@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 from .cpu_lstm import _sigmoid, _tanh, build_mcpu, llvm_target, tvm_version  # noqa: F401
 
-SPARSE_GENERATOR_VERSION = "4"
+SPARSE_GENERATOR_VERSION = "5"
 U = 16  # units per parallel task of rec_loop
 
 #: columns per register tile of spmm_in, per ISA class (8 vector accumulators)
@@ -105,9 +105,10 @@ def pad_batch(b: int, isa: str) -> int:
 
 
 def _tree(terms):
-    """Pairwise sum of a list of PrimExprs."""
+    """Pairwise sum of a list of PrimExprs (any length)."""
     while len(terms) > 1:
-        terms = [terms[j] + terms[j + len(terms) // 2] for j in range(len(terms) // 2)]
+        half = len(terms) // 2
+        terms = [terms[j] + terms[j + half] for j in range(half)] + terms[2 * half:]
     return terms[0]
 
 
