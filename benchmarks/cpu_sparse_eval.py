@@ -139,12 +139,12 @@ def plot(rows, path):
     ths = sorted({r["threads"] for r in rows})
     fig, axes = plt.subplots(1, len(ths), figsize=(5 * len(ths), 4), sharey=True, squeeze=False)
     for ax, th in zip(axes[0], ths):
-        for B in sorted({r["batch"] for r in rows}):
+        for ci, B in enumerate(sorted({r["batch"] for r in rows})):
             for variant, style in (("sparse kernels (forced)", "o-"), ("SparseLSTM (auto)", "s--")):
                 pts = sorted((r["sparsity"], r["speedup"]) for r in rows
                              if r["threads"] == th and r["batch"] == B and r["variant"] == variant)
                 if pts:
-                    ax.plot([100 * s for s, _ in pts], [v for _, v in pts], style,
+                    ax.plot([100 * s for s, _ in pts], [v for _, v in pts], style, color=f"C{ci}",
                             label=f"batch {B}, {'kernels' if 'forced' in variant else 'auto'}")
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_title(f"{th} thread{'s' if th > 1 else ''}: eval, 2x{rows[0]['hidden']}, T {rows[0]['seq']}")
@@ -167,8 +167,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG: speed-up vs sparsity per batch")
+    ap.add_argument("--replot", default=None, metavar="JSON", help="only redraw --plot from a --json file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f)["rows"], args.plot)
+        return None
     if args.child:
         print(json.dumps(run_one(*json.loads(args.child))))
         return None

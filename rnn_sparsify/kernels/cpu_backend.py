@@ -221,15 +221,11 @@ class TvmCpuLayerBackend(LayerBackend):
             dx = dX[:, :B]
             dx = dx.flip(0).contiguous() if rev else dx.contiguous()
         if need[3]:
-            dWiT = Gt.new_empty(I + 1, G)
-            lib["wgrad_in"](Pk, idx_in, dNet, dWiT)
             dw_ih = Gt.new_empty(4 * H, I)
-            lib["from_wt_in"](dWiT, dw_ih)
+            lib["wgrad_in"](Pk, idx_in, dNet, Gt.new_empty(I + 1, G), dw_ih)  # scratch dW^T
         if need[4]:
-            dWhT = Gt.new_empty(H + 1, G)
-            lib["wgrad_rec"](Ak, idx_rec, dNet, dWhT)
             dw_hh = Gt.new_empty(4 * H, H)
-            lib["from_wt_rec"](dWhT, dw_hh)
+            lib["wgrad_rec"](Ak, idx_rec, dNet, Gt.new_empty(H + 1, G), dw_hh)
         if meta["has_bias"] and (need[5] or need[6]):
             db = dNet[:, :B].sum(dim=(0, 1)).index_select(0, gate_cols(H))
             db_ih = db if need[5] else None

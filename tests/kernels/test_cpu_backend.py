@@ -270,7 +270,8 @@ def test_layout_maps_python(H, n):
 
 @pytest.mark.parametrize("case", ["b3_p55_h20", "b7_p30_h35_rev"])
 def test_layout_kernels_match_python_maps(case):
-    """The generated to_wt / from_wt kernels compute exactly the Python maps."""
+    """to_wt computes exactly the Python map; wgrad writes every entry of dW, equal to the
+    Python inverse map of its dW^T scratch (the fused transposed epilogue)."""
     from rnn_sparsify.kernels.cpu_backend import from_wt, to_wt
     from rnn_sparsify.kernels.cpu_runtime import load_layer
 
@@ -280,16 +281,25 @@ def test_layout_kernels_match_python_maps(case):
     spec = be.spec_for(I, H, B, I if masks[0] is None else masks[0].shape[1],
                        H if masks[2] is None else masks[2].shape[1])
     lib = load_layer(spec)
-    Hp = spec.Hp
-    for name, n in (("in", I), ("rec", H)):
+    Hp, Bp = spec.Hp, spec.batch
+    RT = min(spec.tiles.RT, Bp)
+    for name, n, K in (("in", I, spec.k_in), ("rec", H, spec.k_rec)):
         w = torch.randn(4 * H, n)
         wt = torch.full((n + 1, 4 * Hp), float("nan"))  # every entry must be written
         lib["to_wt_" + name](w, wt)
         assert torch.equal(wt, to_wt(w, n, Hp)), name
-        g = torch.randn(n + 1, 4 * Hp)
-        out = torch.full((4 * H, n), float("nan"))
-        lib["from_wt_" + name](g, out)
-        assert torch.equal(out, from_wt(g, n, H)), name
+        idx = torch.stack([torch.randperm(n + 1)[:K] for _ in range(T)]).int()  # dummy row n too
+        pk = torch.randn(T, Bp // RT, K, RT)
+        dnet = torch.randn(T, Bp, 4 * Hp)
+        scratch = torch.full((n + 1, 4 * Hp), float("nan"))
+        dw = torch.full((4 * H, n), float("nan"))
+        lib["wgrad_" + name](pk, idx, dnet, scratch, dw)
+        assert torch.equal(dw, from_wt(scratch, n, H)), name
+        ref = torch.zeros(n + 1, 4 * Hp, dtype=torch.float64)
+        for t in range(T):
+            a = pk[t].permute(1, 0, 2).reshape(K, Bp).double()  # [k, b]
+            ref.index_add_(0, idx[t].long(), a @ dnet[t].double())
+        assert (scratch.double() - ref).abs().max() <= 1e-4 * ref.abs().max(), name
 
 
 def test_non_contiguous_weights():
