@@ -14,7 +14,8 @@ thread count after warm-up (which compiles the kernels, untimed), medians of ``-
   (``rnn_sparsify.kernels.cpu_sparse_eval.density_limit``), with the path that ran;
 * ``sparse kernels (forced)``: the sparse kernels whatever the density (the rule overridden),
   to show the break-even the rule is set from;
-* ``torch.sparse_csr loop``: the floor of the issue, a Python loop of ``torch.sparse.mm``.
+* ``torch.sparse_csr loop``: the floor of the CPU fast-path issue, a 20-line Python loop of
+  ``torch.sparse.mm`` on the same weights (not a library path).
 
 Ratios are to ``nn.LSTM`` in the same process. Not a test: nothing here asserts a time.
 """
@@ -24,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -113,14 +113,6 @@ def run_one(H, L, T, B, sparsity, threads, repeats):
     return rows
 
 
-def _child(args_list):
-    cmd = [sys.executable, __file__, "--child", json.dumps(args_list)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"benchmark child failed: {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def table(rows) -> str:
     out = ["| sparsity | batch | threads | variant | path | median ms | speed-up vs nn.LSTM |",
            "|---:|---:|---:|---|---|---:|---:|"]
@@ -177,14 +169,14 @@ def main(argv=None):
     if args.child:
         print(json.dumps(run_one(*json.loads(args.child))))
         return None
-    from cpu_train_step import machine
+    from cpu_train_step import machine, run_child
 
     print(machine(), flush=True)
     rows = []
     for th in args.threads:
         for B in args.batch:
             for s in args.sparsity:
-                got = _child([args.hidden, args.layers, args.seq, B, s, th, args.repeats])
+                got = run_child(__file__, [args.hidden, args.layers, args.seq, B, s, th, args.repeats])
                 rows.extend(got)
                 print(table(got).split("\n", 2)[2], flush=True)
     if args.json:

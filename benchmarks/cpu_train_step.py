@@ -102,12 +102,18 @@ def machine() -> str:
             f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})")
 
 
-def _child(args_list):
-    cmd = [sys.executable, __file__, "--child", json.dumps(args_list)]
+def run_child(script: str, args_list):
+    """Run ``script --child JSON`` in a fresh process (its own thread pools and caches) and
+    return the JSON its last line prints."""
+    cmd = [sys.executable, script, "--child", json.dumps(args_list)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"benchmark child failed: {res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _child(args_list):
+    return run_child(__file__, args_list)
 
 
 MATRIX = [  # (hidden, batch, p) x threads 1, 2
