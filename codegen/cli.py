@@ -71,8 +71,11 @@ def cpu_layer_specs(lspec, isa: str) -> list:
     from rnn_sparsify.config import config_from_dict, kept_count
     from rnn_sparsify.kernels.cpu_backend import TvmCpuLayerBackend
 
+    from rnn_sparsify.kernels.layer import coarse_params
+
     be = TvmCpuLayerBackend(isa)
     sd = config_from_dict(lspec.structured_dropout) if lspec.structured_dropout else None
+    coarse = coarse_params(config_from_dict(lspec.gate_sparsity) if lspec.gate_sparsity else None)
     D = 2 if lspec.bidirectional else 1
     H = lspec.hidden_size
     out = []
@@ -80,7 +83,7 @@ def cpu_layer_specs(lspec, isa: str) -> list:
         n_in = lspec.input_size if layer == 0 else H * D
         k_in = kept_count(n_in, sd.p_input) if sd else n_in
         k_rec = kept_count(H, sd.p_recurrent) if sd else H
-        spec = be.spec_for(n_in, H, lspec.batch, k_in, k_rec)
+        spec = be.spec_for(n_in, H, lspec.batch, k_in, k_rec, coarse)
         if spec not in out:
             out.append(spec)
     return out

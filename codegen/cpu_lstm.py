@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 
 U = 16  # units per block; a block holds 4*U gate columns
 
-GENERATOR_VERSION = "3"  # bump when the generated code changes for the same parameters
+GENERATOR_VERSION = "4"  # bump when the generated code changes for the same parameters
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class CpuLayerSpec:
     isa: str  # key of ISA_TILES
     mcpu: str  # LLVM -mcpu for the build ("" = generic for the ISA)
     x_width: int = 0  # row width of the X buffer given to pack (>= input_size; 0 = input_size)
+    coarse: tuple = ()  # (P, R, S) of coarse gate-gradient sparsity: adds bwd_coarse
 
     @property
     def tiles(self) -> CpuTiles:
@@ -98,7 +99,7 @@ class CpuLayerSpec:
         return self.x_width or self.input_size
 
     def to_dict(self) -> dict:
-        return {"generator": GENERATOR_VERSION, **asdict(self)}
+        return {"generator": GENERATOR_VERSION, **asdict(self), "coarse": list(self.coarse)}  # as JSON reads it
 
 
 def pad_kept(k: int, isa: str) -> int:
@@ -291,6 +292,11 @@ def make_fwd_loop(spec: CpuLayerSpec):
     return fwd_loop
 
 
+def _icol(c, H):
+    """Interleaved column of gate-order column ``c`` (gate ``c // H``, unit ``c % H``)."""
+    return (c % H) // U * (4 * U) + (c // H) * U + (c % H) % U
+
+
 def _hsum(r, bi, ki, V):
     """Pairwise sum of the ``V`` lanes ``r[bi, ki, :]`` (a PrimExpr tree)."""
     terms = [r[bi, ki, v] for v in range(V)]
@@ -317,13 +323,20 @@ def make_bwd(spec: CpuLayerSpec, part: str):
     NUB = Hp // U
     NKT = K // KT
     NV = G // V
-    do_elem = part in ("loop", "elem")
-    do_dh = part in ("loop", "dh")
-    name = {"loop": "bwd_loop", "elem": "bwd_elem", "dh": "bwd_dh"}[part]
+    do_elem = part in ("loop", "elem", "coarse")
+    do_dh = part in ("loop", "dh", "coarse")
+    do_sel = part == "coarse"
+    name = {"loop": "bwd_loop", "elem": "bwd_elem", "dh": "bwd_dh", "coarse": "bwd_coarse"}[part]
+    # coarse selection (gate order: column c is gate c // H of unit c % H; slice s = columns
+    # [s*P, s*P + P); region r = slices [r*R, r*R + R), the last one partial)
+    CP, CR, CS = spec.coarse if do_sel else (4 * H, 1, 0)  # others: a (T, 1) dummy ``kept``
+    NS = 4 * H // CP
+    NR = -(-NS // CR)
 
     @T.prim_func
     def bwd(dy_h: T.handle, g_h: T.handle, cs_h: T.handle, i_h: T.handle, w_h: T.handle,
-            a: T.float32, t0: T.int32, t1: T.int32, dh_h: T.handle, dc_h: T.handle, dn_h: T.handle):
+            a: T.float32, t0: T.int32, t1: T.int32, dh_h: T.handle, dc_h: T.handle, dn_h: T.handle,
+            kp_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         Tn = T.int32()
         dY = T.match_buffer(dy_h, (Tn, B, Hp), "float32")
@@ -334,6 +347,7 @@ def make_bwd(spec: CpuLayerSpec, part: str):
         DH = T.match_buffer(dh_h, (B, Hp), "float32")
         DC = T.match_buffer(dc_h, (B, Hp), "float32")
         dNet = T.match_buffer(dn_h, (Tn, B, G), "float32")
+        kept = T.match_buffer(kp_h, (Tn, NS), "int8")  # bwd_coarse: 1 where a slice is kept
         for tt in range(t0, t1):
             if do_elem:
                 for ub in T.parallel(NUB):
@@ -358,6 +372,33 @@ def make_bwd(spec: CpuLayerSpec, part: str):
                                 e[0, u] * e[5, u] * e[4, u] * (T.float32(1) - e[4, u]))
                             DC[b, ub * U + u] = e[6, u] * e[2, u]
                             DH[b, ub * U + u] = T.float32(0)
+            if do_sel:
+                for rg in T.parallel(NR):
+                    sc = T.alloc_buffer((CR,), "float32", scope="local")
+                    for j in range(CR):
+                        sc[j] = T.float32(0)
+                        if rg * CR + j < NS:
+                            for b in range(B):
+                                for pp in range(CP):
+                                    sc[j] = sc[j] + dNet[t0 + t1 - 1 - tt, b, _icol(rg * CR * CP + j * CP + pp, H)] * dNet[
+                                        t0 + t1 - 1 - tt, b, _icol(rg * CR * CP + j * CP + pp, H)]
+                            sc[j] = T.if_then_else(T.isfinite(sc[j]), sc[j], T.float32("inf"))
+                    rk = T.alloc_buffer((1,), "int32", scope="local")
+                    for j in range(CR):
+                        if rg * CR + j < NS:
+                            # rank among the region's slices by (score, index): the S smallest
+                            # are dropped (S * r // R of a last region of r < R slices)
+                            kept[t0 + t1 - 1 - tt, rg * CR + j] = T.int8(1)
+                            rk[0] = 0
+                            for i in range(CR):
+                                if rg * CR + i < NS:
+                                    if sc[i] < sc[j] or (sc[i] == sc[j] and i < j):
+                                        rk[0] = rk[0] + 1
+                            if rk[0] < (CS * T.min(CR, NS - rg * CR)) // CR:
+                                kept[t0 + t1 - 1 - tt, rg * CR + j] = T.int8(0)
+                                for b in range(B):
+                                    for pp in range(CP):
+                                        dNet[t0 + t1 - 1 - tt, b, _icol(rg * CR * CP + j * CP + pp, H)] = T.float32(0)
             if do_dh:
                 for kt in T.parallel(NKT):
                     # dh_{t-1}[:, J_t]: RB batch rows x KT kept rows of vector partial sums
@@ -540,6 +581,7 @@ def layer_kernels(spec: CpuLayerSpec) -> dict:
         "bwd_loop": make_bwd(spec, "loop"),
         "bwd_elem": make_bwd(spec, "elem"),
         "bwd_dh": make_bwd(spec, "dh"),
+        **({"bwd_coarse": make_bwd(spec, "coarse")} if spec.coarse else {}),
         "wgrad_in": make_wgrad(spec, I, spec.k_in),
         "wgrad_rec": make_wgrad(spec, H, spec.k_rec),
         "dx": make_dx(spec, I, spec.k_in),

@@ -47,7 +47,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import gate_selection as gs
 from .config import GateGradientSparsity, kept_count
 from .input_checks import check_lstm_cell_args, check_lstm_packed, check_lstm_sequence
-from .kernels.layer import LayerProblem, as_layer_backend, select_layer_backend
+from .kernels.layer import LayerProblem, as_layer_backend, coarse_params, select_layer_backend
 
 
 @dataclass
@@ -471,6 +471,7 @@ def sparse_lstm_forward(mod, input, hx=None):
                 in_keep=None if in_idx is None else in_idx.shape[1],
                 rec_keep=None if rec_idx is None else rec_idx.shape[1],
                 gate_mode=None if gate_cfg is None else gate_cfg.mode,
+                gate_coarse=coarse_params(gate_cfg),
             )
             plan = LayerPlan(
                 in_idx=in_idx,
@@ -541,6 +542,7 @@ def sparse_lstm_cell_forward(mod, input: Tensor, hx=None):
         in_keep=None if in_idx is None else in_idx.shape[1],
         rec_keep=None if rec_idx is None else rec_idx.shape[1],
         gate_mode=None if gate_cfg is None else gate_cfg.mode,
+        gate_coarse=coarse_params(gate_cfg),
     )
     plan = LayerPlan(
         in_idx=in_idx,

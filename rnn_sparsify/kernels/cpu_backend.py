@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import gate_selection as gs
-from .layer import LayerBackend, LayerProblem
+from .layer import LayerBackend, LayerProblem, coarse_params
 
 U = 16
 _COLS: dict[int, Tensor] = {}
@@ -96,7 +96,8 @@ class TvmCpuLayerBackend(LayerBackend):
         self.isa = isa
 
     # -- helpers ---------------------------------------------------------------------
-    def spec_for(self, input_size: int, hidden_size: int, batch: int, k_in: int, k_rec: int):
+    def spec_for(self, input_size: int, hidden_size: int, batch: int, k_in: int, k_rec: int,
+                 coarse: tuple = ()):
         from ..codegen.cpu_lstm import CpuLayerSpec, pad_batch, pad_kept
 
         _, Bp = pad_batch(batch, self.isa)
@@ -108,6 +109,7 @@ class TvmCpuLayerBackend(LayerBackend):
             k_rec=pad_kept(k_rec, self.isa),
             isa=self.isa,
             mcpu="",
+            coarse=tuple(coarse),
         )
 
     @staticmethod
@@ -132,7 +134,7 @@ class TvmCpuLayerBackend(LayerBackend):
         H = w_hh.shape[1]
         k_in = I if plan.in_idx is None else plan.in_idx.shape[1]
         k_rec = H if plan.rec_idx is None else plan.rec_idx.shape[1]
-        spec = self.spec_for(I, H, B, k_in, k_rec)
+        spec = self.spec_for(I, H, B, k_in, k_rec, coarse_params(plan.gate_sparsity))
         lib = load_layer(spec)
         self._threads()
         Bp, Hp, G = spec.batch, spec.Hp, spec.G
@@ -202,17 +204,29 @@ class TvmCpuLayerBackend(LayerBackend):
         dNet = Gt.new_empty(T, Bp, G)
         cfg = plan.gate_sparsity
         a_in, a_rec = meta["a_in"], meta["a_rec"]
+        no_kept = _NO_KEPT.get(T)
+        if no_kept is None:
+            no_kept = _NO_KEPT[T] = torch.ones(T, 1, dtype=torch.int8)
         if cfg is None:
-            lib["bwd_loop"](dY, Gt, Cs, idx_rec, WhT, a_rec, 0, T, DH, DC, dNet)
+            lib["bwd_loop"](dY, Gt, Cs, idx_rec, WhT, a_rec, 0, T, DH, DC, dNet, no_kept)
+        elif cfg.mode == "coarse" and meta["spec"].coarse:
+            # the selection runs inside the kernel between the two halves of every step
+            kept = torch.empty(T, 4 * H // cfg.P, dtype=torch.int8)
+            lib["bwd_coarse"](dY, Gt, Cs, idx_rec, WhT, a_rec, 0, T, DH, DC, dNet, kept)
+            if plan.record_selections:
+                cols = torch.arange(cfg.P)
+                for t in range(T):
+                    sel = kept[t].nonzero().flatten()
+                    plan.selections[T - 1 - t if rev else t] = (sel[:, None] * cfg.P + cols).reshape(-1)
         else:
             if cfg.mode == "fine":
                 gs.check_fine_batch(cfg, B)
             cols = gate_cols(H)
             scratch = Gt.new_empty(B, G)  # reused every step (a fresh 4H x B buffer page-faults)
             for t in range(T - 1, -1, -1):
-                lib["bwd_elem"](dY, Gt, Cs, idx_rec, WhT, a_rec, t, t + 1, DH, DC, dNet)
+                lib["bwd_elem"](dY, Gt, Cs, idx_rec, WhT, a_rec, t, t + 1, DH, DC, dNet, no_kept)
                 self._select(dNet[t], B, H, cols, cfg, plan, T - 1 - t if rev else t, scratch)
-                lib["bwd_dh"](dY, Gt, Cs, idx_rec, WhT, a_rec, t, t + 1, DH, DC, dNet)
+                lib["bwd_dh"](dY, Gt, Cs, idx_rec, WhT, a_rec, t, t + 1, DH, DC, dNet, no_kept)
 
         dx = dw_ih = dw_hh = db_ih = db_hh = None
         if need[0]:
@@ -281,6 +295,7 @@ def _slice_sums(sq: Tensor, starts: Tensor, P: int) -> Tensor:
 # the rule
 
 _BACKENDS: dict[str, TvmCpuLayerBackend] = {}
+_NO_KEPT: dict[int, Tensor] = {}  # T -> the (T, 1) dummy ``kept`` of the non-coarse bwd kernels
 _FAILED: dict = {}  # spec -> why its kernels are unavailable (never retried)
 _WARNED: set = set()
 
@@ -320,6 +335,7 @@ def _spec(problem: LayerProblem):
         problem.batch,
         problem.in_keep or problem.input_size,
         problem.rec_keep or problem.hidden_size,
+        problem.gate_coarse,
     )
 
 

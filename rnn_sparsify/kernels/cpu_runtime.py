@@ -368,7 +368,7 @@ def load_layer(spec: CpuLayerSpec) -> LayerLibrary:
         from rnn_sparsify.codegen.cpu_sparse import KERNEL_NAMES as names
     else:
         names = ("pack_in", "in_proj", "fwd_loop", "bwd_loop", "bwd_elem", "bwd_dh", "wgrad_in",
-                 "wgrad_rec", "dx", "to_wt_in", "to_wt_rec")
+                 "wgrad_rec", "dx", "to_wt_in", "to_wt_rec") + (("bwd_coarse",) if spec.coarse else ())
     lib = LayerLibrary(spec, path, {n: mod[n] for n in names})
     lib.module = mod  # keep the module alive
     with _LOCK:

@@ -41,6 +41,11 @@ __all__ = [
 ]
 
 
+def coarse_params(gs) -> tuple:
+    """``(P, R, S)`` of a coarse ``GateGradientSparsity``, else ``()``."""
+    return (gs.P, gs.R, gs.S) if gs is not None and gs.mode == "coarse" else ()
+
+
 @dataclass(frozen=True)
 class LayerProblem:
     """What a rule needs to decide whether its backend takes one layer/direction call."""
@@ -57,6 +62,7 @@ class LayerProblem:
     in_keep: Optional[int] = None  # kept input units per step; None = no input dropout
     rec_keep: Optional[int] = None  # kept units of h_{t-1} per step; None = no RH dropout
     gate_mode: Optional[str] = None  # "coarse" / "fine" / "meprop" or None
+    gate_coarse: tuple = ()  # (P, R, S) when gate_mode is "coarse"
     func_transform: bool = False  # inside a torch.func transform (grad, vmap, ...)
 
     @property
@@ -147,6 +153,7 @@ def explain_lstm(module, batch: int = 1, seq_len: int = 35, configs: Optional[tu
         in_keep=kept_count(I, sd.p_input) if sd is not None and sd.p_input > 0 else None,
         rec_keep=kept_count(H, sd.p_recurrent) if sd is not None and sd.p_recurrent > 0 else None,
         gate_mode=gs.mode if gs is not None else None,
+        gate_coarse=coarse_params(gs),
     )
     be, verdicts = select_layer_backend(prob, dry=True)
     return be.name, verdicts

@@ -42,6 +42,10 @@ CASES = {
     "b20_p03_h32": (20, 40, 32, 0.0, 0.3, False, True, None),
     "b20_p03_h32_fine": (20, 40, 32, 0.0, 0.3, False, True, GateGradientSparsity.fine(My=8, Mx=4, K=1)),
     "b20_p03_h32_rev_coarse_nobias": (20, 40, 32, 0.0, 0.3, True, False, GateGradientSparsity.coarse(P=8, R=4, S=2)),
+    # H % P != 0: slices straddle gates (as at 650 with P = 4); 4H / P = 18 slices: a last
+    # region of 2 (of R = 8) drops S * 2 // 8 = 1
+    "b5_p05_h18_coarse_straddle": (5, 12, 18, 0.5, 0.5, False, True, GateGradientSparsity.coarse(P=4, R=8, S=4)),
+    "b2_dense_h18_rev_coarse_straddle": (2, 12, 18, 0.0, 0.0, True, True, GateGradientSparsity.coarse(P=4, R=8, S=3)),
 }
 
 
@@ -344,3 +348,41 @@ def test_sequence_length_is_not_part_of_the_spec():
         assert_close_to_ref(got, ref, what=f"T={t_len}: ")
         libs.add(id(load_layer(be.spec_for(I, H, B, masks[0].shape[1], masks[2].shape[1]))))
     assert len(libs) == 1
+
+
+def test_coarse_selection_runs_inside_the_kernel(monkeypatch):
+    """Coarse gate-gradient sparsity runs as one bwd_coarse call (no per-step Python); ties
+    (all-zero slices, exactly equal scores) and non-finite scores follow the reference rules:
+    among equal scores the lower slice index is dropped first, non-finite ranks largest."""
+    from rnn_sparsify.kernels.cpu_backend import TvmCpuLayerBackend
+
+    def no_python_selection(*a, **k):
+        raise AssertionError("the per-step Python selection ran")
+
+    monkeypatch.setattr(TvmCpuLayerBackend, "_select", staticmethod(no_python_selection))
+    B, I, H = 3, 10, 18
+    cfg = GateGradientSparsity.coarse(P=4, R=8, S=4)
+    inp = make_inputs(T, B, I, H, seed=11)
+    inp["dy"][:, :, :13] = 0  # units 0-12 get no gradient from the outputs: exact zero scores ...
+    inp["dh"][:, :13] = 0
+    inp["dc"][:, :13] = 0
+    inp["w_hh"][:, :] = 0  # ... and none through the recurrence
+    masks = draw_masks(T, I, H, 0.0, 0.0, seed=12)
+    be = cpu_backend_for(I, H, B, masks, T)
+    ref, ref_plan = run_layer(ORACLE, torch.float64, inp, masks, cfg=cfg)
+    got, plan = run_layer(be, torch.float32, inp, masks, cfg=cfg)
+    assert_close_to_ref(got, ref)
+    for t in range(T):
+        assert torch.equal(plan.selections[t], ref_plan.selections[t]), t
+    # region 0 (slices 0-7) has five zero-score slices (0, 1, 2: gate i units 0-11; 5, 6:
+    # gate f units 2-9) and drops S = 4: the four lowest of the tie, so slice 6 survives
+    kept = set(plan.selections[T - 1].tolist())
+    assert {24, 25, 26, 27} <= kept and not kept & set(range(12)) and not kept & {20, 21, 22, 23}
+
+    inf = make_inputs(T, B, I, H, seed=13)
+    inf["dy"][1, :, 3] = float("inf")  # non-finite scores are kept, as in the reference
+    got, plan = run_layer(be, torch.float32, inf, masks, cfg=cfg)
+    ref, ref_plan = run_layer(ORACLE, torch.float64, inf, masks, cfg=cfg)
+    for t in range(T):
+        assert torch.equal(plan.selections[t], ref_plan.selections[t]), t
+
