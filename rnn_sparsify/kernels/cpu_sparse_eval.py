@@ -19,7 +19,7 @@ the rules):
   :data:`DENSITY_LIMITS`, ``docs/benchmarks.md``); an unmasked ``W_ih`` runs as one dense
   GEMM over all steps;
 * no gradient is needed (``torch.no_grad()``, ``inference_mode``, or nothing requires grad),
-  float32 CPU tensors, no autocast, no ``proj_size``, no ``PackedSequence``, not inside a
+  float32 CPU tensors (``PackedSequence`` too), no autocast, no ``proj_size``, not inside a
   ``torch.func`` transform, TorchScript or dynamo trace;
 * ``RNN_SPARSIFY_CPU_KERNELS=0`` switches it off; without ``apache-tvm-ffi`` (or without
   kernels and TVM to build them) ``nn.LSTM`` runs, with one warning.
@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 #: ``(largest batch, density)``: the sparse kernels run when every masked matrix has at most
 #: ``density`` non-zeros; measured break-even against nn.LSTM (oneDNN) on an AVX-512 host,
@@ -114,8 +115,11 @@ def why_not(mod, input, hx) -> Optional[str]:
         return "W_hh is not masked (the recurrence would stay dense)"
     if mod.proj_size:
         return "proj_size > 0 (no projection kernels)"
+    packed = isinstance(input, PackedSequence)
+    if packed:
+        input = input.data
     if not isinstance(input, Tensor):
-        return "PackedSequence input (no kernels for per-step batch sizes)"
+        return "unexpected input type (nn.LSTM reports the error)"
     if input.device.type != "cpu" or input.dtype != torch.float32:
         return f"{input.dtype} on {input.device} (the kernels are float32 CPU)"
     params = [p for p in mod._flat_weights if p is not None]
@@ -139,7 +143,7 @@ def why_not(mod, input, hx) -> Optional[str]:
             return "inside torch.compile"
     except AttributeError:  # pragma: no cover - older torch
         pass
-    if input.dim() not in (2, 3) or input.shape[-1] != mod.input_size or input.numel() == 0:
+    if input.dim() not in ((2,) if packed else (2, 3)) or input.shape[-1] != mod.input_size or input.numel() == 0:
         return "unexpected input shape (nn.LSTM reports the error)"
     return None
 
@@ -294,12 +298,25 @@ def _load(spec):
         raise _Unavailable(reason) from None
 
 
-def _run(mod, input: Tensor, hx):
+def _run(mod, input, hx):
     from .cpu_runtime import set_num_threads
 
-    unbatched = input.dim() == 2
-    x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if mod.batch_first else input)
+    packed = isinstance(input, PackedSequence)
+    lens = None
+    if packed:  # padded in the caller's batch order, as hx and the returned state are
+        x, lens = pad_packed_sequence(input)
+        unbatched = False
+    else:
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if mod.batch_first else input)
     T, B, _ = x.shape
+    if lens is None:
+        lens = torch.full((B,), T, dtype=torch.long)
+    # the reverse direction reads each sequence backwards from its own last step: step t of
+    # row b is step lens[b] - 1 - t (t < lens[b]; padding stays behind, where it is ignored)
+    tt = torch.arange(T)[:, None]
+    rev = torch.where(tt < lens[None, :], lens[None, :] - 1 - tt, tt)  # (T, B), an involution
+    cols = torch.arange(B)
     H, L = mod.hidden_size, mod.num_layers
     D = 2 if mod.bidirectional else 1
     if hx is not None:
@@ -331,7 +348,7 @@ def _run(mod, input: Tensor, hx):
         outs = []
         for d in range(D):
             ent = prep.layers[layer, d]
-            xin = layer_in.flip(0) if d else layer_in
+            xin = layer_in[rev, cols] if d else layer_in
             Xt = torch.zeros(n, Np)
             Xt[:, :T * Bp].view(n, T, Bp)[:, :, :B] = xin.permute(2, 0, 1)
             if "in" in ent:
@@ -347,11 +364,18 @@ def _run(mod, input: Tensor, hx):
             ip, off, val = _rec_format(ent, H, Bp, spec.off_dtype())
             lib["rec_loop"](ip, off, val, G, Hs.view(T + 1, Hp * Bp), Cs.view(T + 1, Hp * Bp))
             out = Hs[1:, :H, :B].permute(0, 2, 1)
-            outs.append(out.flip(0) if d else out)
-            hn[layer * D + d] = Hs[T, :H, :B].t()
-            cn[layer * D + d] = Cs[T, :H, :B].t()
+            outs.append(out[rev, cols] if d else out)
+            hn[layer * D + d] = Hs[lens, :H, cols]  # each sequence's state after its last step
+            cn[layer * D + d] = Cs[lens, :H, cols]
         layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
     output = layer_in.contiguous()
+    if packed:
+        bs = input.batch_sizes
+        order = input.sorted_indices if input.sorted_indices is not None else cols
+        t_idx = torch.repeat_interleave(torch.arange(T), bs)
+        first = torch.cumsum(bs, 0) - bs
+        b_idx = order[torch.arange(int(bs.sum())) - first[t_idx]]
+        return PackedSequence(output[t_idx, b_idx], bs, input.sorted_indices, input.unsorted_indices), (hn, cn)
     if unbatched:
         return output.squeeze(1), (hn.squeeze(1), cn.squeeze(1))
     if mod.batch_first:

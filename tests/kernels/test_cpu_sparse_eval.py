@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from rnn_sparsify import SparseLSTM
 from rnn_sparsify.kernels import cpu_sparse_eval as cse
@@ -59,6 +59,8 @@ def dense_reference(m: SparseLSTM, *args):
     ref.load_state_dict({k: v for k, v in m.state_dict().items() if not k.endswith("_mask")})
 
     def d(v):
+        if isinstance(v, PackedSequence):
+            return v._replace(data=v.data.double())
         if isinstance(v, tuple):
             return tuple(d(t) for t in v)
         return v.double() if isinstance(v, torch.Tensor) else v
@@ -216,7 +218,31 @@ def test_too_dense_runs_dense(monkeypatch):
     _dense_ran(m, out, x)
 
 
-@pytest.mark.parametrize("case", ["env_off", "float64", "packed", "training", "autocast", "no_masks", "proj"])
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_sequences(enforce_sorted, bidirectional):
+    """Packed input runs on the kernels: each sequence stops at its own length (h_n, c_n
+    taken there), the reverse direction starts at each sequence's own last step, and the
+    output is packed like nn.LSTM's (same batch_sizes and indices)."""
+    m = pruned(14, 24, layers=2, bidirectional=bidirectional, seed=3)
+    lengths = [7, 7, 3, 5, 1] if not enforce_sorted else [7, 6, 4, 4, 1]
+    x = torch.randn(7, 5, 14)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+    D = 2 if bidirectional else 1
+    hx = (torch.randn(2 * D, 5, 24), torch.randn(2 * D, 5, 24))
+    for h in (None, hx):
+        with torch.no_grad():
+            out, (hn, cn) = m(packed, h)
+        assert m.last_path == "sparse_eval", m.last_eval_reason
+        ref, (rh, rc) = dense_reference(m, packed, h)
+        assert isinstance(out, PackedSequence)
+        assert torch.equal(out.batch_sizes, ref.batch_sizes)
+        for a, b in ((out.sorted_indices, ref.sorted_indices), (out.unsorted_indices, ref.unsorted_indices)):
+            assert (a is None and b is None) or torch.equal(a, b)
+        check_close((out.data, (hn, cn)), (ref.data, (rh, rc)))
+
+
+@pytest.mark.parametrize("case", ["env_off", "float64", "training", "autocast", "no_masks", "proj"])
 def test_fallbacks(case, monkeypatch):
     m = pruned(12, 16)
     x = torch.randn(3, 2, 12)
@@ -235,10 +261,6 @@ def test_fallbacks(case, monkeypatch):
         m = SparseLSTM(12, 16, proj_size=8).eval()
         attach_weight_sparsity(m, WeightSparsity("dst", total_steps=10, target_sparsity=0.9))
     with torch.no_grad():
-        if case == "packed":
-            out = m(pack_padded_sequence(x, [3, 2]))
-            assert m.last_path == "dense" and "PackedSequence" in m.last_eval_reason
-            return
         if case == "autocast":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = m(x)
