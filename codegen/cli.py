@@ -100,19 +100,30 @@ def cpu_eval_specs(lspec, isa: str) -> list:
             for n in widths]
 
 
-def compile_cpu(lspecs, out, *, isa: str | None = None, quiet: bool = False, eval_kernels: bool = False) -> list:
-    """``compile --target cpu``: build the CPU kernel libraries of ``lspecs`` into ``out``'s
-    ``cpu/`` tree (the cache layout), plus the kernel runtime. Returns the folders.
-    ``eval_kernels``: also the weight-sparse eval kernels (``--eval-kernels``)."""
+def eval_lstm_specs(model, batch: int) -> list:
+    """One float32 LSTMSpec per ``nn.LSTM`` of ``model`` the weight-sparse eval kernels can
+    run (no ``proj_size``), for ``compile --eval-kernels --model``."""
+    from torch import nn
+
+    from .lstm_spec import LSTMSpec
+
+    return [LSTMSpec(input_size=m.input_size, hidden_size=m.hidden_size, batch=batch, seq_len=1,
+                     num_layers=m.num_layers, bidirectional=m.bidirectional, dtype="float32", name=name)
+            for name, m in model.named_modules() if isinstance(m, nn.LSTM) and not m.proj_size]
+
+
+def compile_cpu(lspecs, out, *, isa: str | None = None, quiet: bool = False, eval_lspecs=()) -> list:
+    """``compile --target cpu``: build the CPU kernel libraries of ``lspecs`` (their sparse
+    training kernels) and the weight-sparse eval kernels of ``eval_lspecs`` into ``out``'s
+    ``cpu/`` tree (the cache layout), plus the kernel runtime. Returns the folders."""
     from pathlib import Path
 
     from rnn_sparsify.kernels import cpu_runtime
 
     isa = isa or cpu_runtime.host_isa()
     root = Path(out)
-    specs = [s for ls in lspecs if ls.structured_dropout or ls.gate_sparsity for s in cpu_layer_specs(ls, isa)]
-    if eval_kernels:
-        specs += [s for ls in lspecs for s in cpu_eval_specs(ls, isa)]
+    specs = [s for ls in lspecs for s in cpu_layer_specs(ls, isa)]
+    specs += [s for ls in eval_lspecs for s in cpu_eval_specs(ls, isa)]
     folders = []
     for spec in dict.fromkeys(specs):
         folder = cpu_runtime.entry_dir(root, spec)
@@ -134,10 +145,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if args.model:
             from .model_plan import plan_model
 
-            plan = plan_model(load_model(args.model).module, args.batch, args.seq_len, "float32",
+            model = load_model(args.model).module
+            plan = plan_model(model, args.batch, args.seq_len, "float32",
                               structured_dropout=sd, gate_sparsity=gs)
             lspecs = plan.lstms
             print(plan.table())
+            eval_lspecs = eval_lstm_specs(model, args.batch) if args.eval_kernels else []
         else:
             lspecs = [LSTMSpec(
                 input_size=args.input_size, hidden_size=args.hidden_size, batch=args.batch,
@@ -145,12 +158,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
                 dtype="float32", structured_dropout=sd.to_dict() if sd else None,
                 gate_sparsity=gs.to_dict() if gs else None,
             )]
-        if not lspecs or (not args.eval_kernels and all(
-                ls.structured_dropout is None and ls.gate_sparsity is None for ls in lspecs)):
+            eval_lspecs = lspecs if args.eval_kernels else []
+        lspecs = [ls for ls in lspecs if ls.structured_dropout or ls.gate_sparsity]
+        if not lspecs and not eval_lspecs:
             raise NothingToBuildError("nothing to build: no LSTM has a sparsity config (dense LSTMs run "
                                       "on nn.LSTM); pass --p-input/--p-recurrent or --gate, or "
                                       "--eval-kernels for weight-sparse eval")
-        folders = compile_cpu(lspecs, args.out, quiet=args.quiet, eval_kernels=args.eval_kernels)
+        folders = compile_cpu(lspecs, args.out, quiet=args.quiet, eval_lspecs=eval_lspecs)
+        if eval_lspecs:
+            print(f"weight-sparse eval kernels for {len(eval_lspecs)} nn.LSTM module(s) at batch {args.batch}")
         print(f"bundle {args.out}: {len(folders)} CPU kernel libraries (cpu/), load with "
               f"RNN_SPARSIFY_KERNELS={args.out} or rnn_sparsify.kernels.cpu_runtime.use_cpu_bundle()")
         return 0

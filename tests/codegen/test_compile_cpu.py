@@ -86,3 +86,25 @@ def test_eval_kernels_bundle_serves_weight_sparse_eval_without_tvm(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["tvm_cpu_sparse_eval", "False", "True"]
     assert "compiling" not in run.stderr
+
+
+def test_eval_kernels_for_every_lstm_of_a_model(tmp_path):
+    model = tmp_path / "m.py"
+    model.write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.a = torch.nn.LSTM(12, 16, 2); self.b = torch.nn.LSTM(16, 8, bidirectional=True)\n"
+        "        self.p = torch.nn.LSTM(8, 8, proj_size=4)\n"
+        "def make():\n"
+        "    return M()\n")
+    out = tmp_path / "bundle"
+    res = subprocess.run([CLI, "compile", "--target", "cpu", "-o", str(out), "--model", f"{model}:make",
+                          "--batch", "5", "--seq-len", "3", "--eval-kernels", "-q"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    specs = sorted((m["spec"]["input_size"], m["spec"]["hidden_size"], m["spec"]["batch"])
+                   for m in (json.loads(p.read_text()) for p in out.glob("cpu/*/*/manifest.json")))
+    # a: layer 0 (12 -> 16) and layer 1 (16 -> 16); b: 16 -> 8; p has a projection: none
+    assert specs == [(12, 16, 8), (16, 8, 8), (16, 16, 8)]
+    assert "weight-sparse eval kernels for 2 nn.LSTM module(s)" in res.stdout
