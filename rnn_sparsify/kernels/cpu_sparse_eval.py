@@ -30,7 +30,6 @@ or any in-place write rebuilds it on the next call).
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 import weakref
 from typing import Optional
@@ -47,7 +46,6 @@ BACKEND = "tvm_cpu_sparse_eval"
 DENSE = "nn.LSTM"
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
 _FAILED: dict = {}
 _WARNED: set = set()
 
@@ -70,10 +68,13 @@ def _warn_once(key, msg: str) -> None:
         warnings.warn(f"rnn_sparsify: {msg}", RuntimeWarning, stacklevel=4)
 
 
-def padded_csr(w: Tensor, hidden: int, *, scale: int = 1, idx_dtype=torch.int16, pad: int = 8):
+def padded_csr(w: Tensor, hidden: int, *, scale: int = 1, idx_dtype=torch.int16, pad: Optional[int] = None):
     """``(indptr, col, val, density)`` of the gate matrix ``w`` (4H, n) in the kernels' format:
     rows interleaved by unit (row ``4j+g`` = gate g of unit j), each row's non-zeros padded
-    with zero entries to a multiple of ``pad``, column indices multiplied by ``scale``."""
+    with zero entries to a multiple of ``pad`` (default: the kernels' ``P``), column indices
+    multiplied by ``scale``."""
+    if pad is None:
+        from rnn_sparsify.codegen.cpu_sparse import P as pad
     n = w.shape[1]
     wi = w.detach().reshape(4, hidden, n).transpose(0, 1).reshape(4 * hidden, n)
     nz = wi != 0
