@@ -26,7 +26,8 @@ def rp():
 # fake validation perplexity per variant (seed 1; seed 2 is +2)
 FAKE = {"dense": 150.0, "sd_nr": 151.0, "sd_nr_rh": 160.0, "gg_coarse": 170.0, "gg_coarse_das": 152.0,
         "gg_fine": 171.0, "gg_fine_das": 149.0, "gg_meprop": 180.0, "gg_meprop_das": 156.0,
-        "np_gradual80": 155.0, "np_gradual90": 165.0, "st_dst_uniform": 140.0, "st_dst_er": 146.0, "st_static": 145.0}
+        "np_gradual80": 155.0, "np_gradual90": 165.0, "st_dst_uniform": 140.0, "st_static": 145.0,
+        "st_e128_dense": 152.0, "st_e128_dst_uniform": 144.0, "st_e128_dst_er": 146.0}
 
 
 def _write_fake(out_dir: Path, rp, skip=()):
@@ -52,7 +53,7 @@ def test_tables_and_verdicts_from_fake_json(rp, tmp_path):
     _write_fake(tmp_path, rp)
     md = tmp_path / "results.md"
     text = rp.build_markdown(rp.load_results(tmp_path), tmp_path, md)
-    assert md.read_text() == text and "28 of 28 runs" in text
+    assert md.read_text() == text and "32 of 32 runs" in text
     assert "| dense nn.LSTM, standard dropout 0.3 | 150.0 / 152.0 | 151.0 | 145.0 / 147.0 | 146.0 | 100 | 100% |" in text
     assert "| gradual pruning to 90 % | 165.0 / 167.0 | 166.0 |" in text and "| 10.0% |" in text
     v = rp.verdicts(rp.load_results(tmp_path))
@@ -63,9 +64,9 @@ def test_tables_and_verdicts_from_fake_json(rp, tmp_path):
     assert "meprop: 181.0 sparse to the end, 157.0 with dense-after-sparse (+4.0 % vs dense): does not hold" in v["gate_gradient"]
     assert "80 % sparse 156.0 (+3.3 %): holds" in v["gradual_pruning"]
     assert "90 % sparse 166.0 (+9.9 %): does not hold" in v["gradual_pruning"]
-    assert "DST uniform 141.0 (better on 2 of 2 seeds): holds" in v["dst"]
-    assert "DST Erdos-Renyi 147.0 (better on 0 of 2 seeds): does not hold" in v["dst"]
+    assert "DST 67 % uniform 141.0 vs static 146.0 mean validation perplexity (better on 2 of 2 seeds): holds" in v["dst"]
     assert "matches or beats dense" in v["dst"]
+    assert "ER 147.0, uniform 145.0, dense 153.0 (+1.4 % ER vs uniform)" in v["dst"]
     for key, title, _ in rp.PAPERS:
         assert f"## {title}" in text and f"**Verdict.** {v[key]}" in text
         if importlib.util.find_spec("matplotlib"):
@@ -76,7 +77,7 @@ def test_tables_and_verdicts_from_fake_json(rp, tmp_path):
 def test_missing_runs_are_reported_not_judged(rp, tmp_path):
     _write_fake(tmp_path, rp, skip={"st_static", "gg_fine"})
     text = rp.build_markdown(rp.load_results(tmp_path), tmp_path, tmp_path / "r.md")
-    assert "24 of 28 runs" in text
+    assert "28 of 32 runs" in text
     assert "| static sparse 67 %, uniform random | not run yet |" in text
     v = rp.verdicts(rp.load_results(tmp_path))
     assert v["dst"].startswith("Not measured") and v["gate_gradient"].startswith("Not measured")
@@ -94,7 +95,7 @@ def test_quick_run_resumes_and_builds_the_page(tmp_path):
     assert data["reproduce"]["variant"] == "st_static" and abs(data["runs"][0]["lstm_weight_sparsity"] - 0.67) < 0.01
     assert "--weight-method static" in data["reproduce"]["command"]
     page = (out / "results.md").read_text()
-    assert "Smoke run" in page and "2 of 28 runs" in page
+    assert "Smoke run" in page and "2 of 32 runs" in page
     mtime = (out / "dense_s1.json").stat().st_mtime_ns
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 0 and "done already" in r.stdout
