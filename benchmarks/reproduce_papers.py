@@ -41,7 +41,7 @@ RESULTS_MD = ROOT / "docs" / "results.md"
 QUICK_DIR = Path("runs") / "papers-quick"
 
 # The scale: 2x256 LSTM (tied embedding/decoder), 5k vocabulary, batch 20 x 35 steps, Adam,
-# 1000 steps (0.94 epoch of the shipped corpus); about 110 s per run on one core.
+# 1000 steps (0.83 epoch of the shipped corpus); about 100-120 s per run on one core.
 SCALE = ["--emb", "256", "--hidden", "256", "--vocab", "5000", "--batch", "20", "--seq", "35", "--steps", "1000",
          "--optimizer", "adam", "--lr", "2e-3", "--clip", "0.25", "--dropout-in", "0.3", "--curve-points", "10"]
 QUICK = ["--emb", "16", "--hidden", "16", "--vocab", "500", "--batch", "4", "--seq", "8", "--steps", "8",
@@ -178,6 +178,19 @@ def _seeds(res, v, key="val_ppl"):
     return " / ".join(f"{res[v][s][key]:.1f}" for s in sorted(res.get(v, {})))
 
 
+def _judge(res, v, limit: float) -> str:
+    """"holds" when the mean validation ppl of ``v`` is at most ``limit``; a miss by less than the
+    variant's own seed-to-seed difference is called narrow."""
+    val = _val(res, v)
+    if val <= limit:
+        return "holds"
+    ppl = [r["val_ppl"] for r in res[v].values()]
+    spread = max(ppl) - min(ppl)
+    if val - limit < spread:
+        return f"does not hold, narrowly ({val - limit:.1f} over, less than its seeds' spread of {spread:.1f})"
+    return "does not hold"
+
+
 def verdicts(res: dict) -> dict[str, str]:
     """One sentence per claim, from the numbers (missing runs: says so)."""
     out = {}
@@ -192,8 +205,7 @@ def verdicts(res: dict) -> dict[str, str]:
     if have("dense", "sd_nr", "sd_nr_rh"):
         parts = []
         for v, name in (("sd_nr", "structured NR"), ("sd_nr_rh", "structured NR+RH")):
-            ok = _val(res, v) <= d * (1 + TOL_NO_WORSE)
-            parts.append(f"{name} {_val(res, v):.1f} ({rel(v):+.1f} %): {'holds' if ok else 'does not hold'}")
+            parts.append(f"{name} {_val(res, v):.1f} ({rel(v):+.1f} %): {_judge(res, v, d * (1 + TOL_NO_WORSE))}")
         out["structured_dropout"] = (
             f"Claim: structured dropout is no worse than standard dropout (here: mean validation perplexity within "
             f"{TOL_NO_WORSE:.0%} of dense with standard dropout, {d:.1f}{spread}). " + "; ".join(parts) + ".")
@@ -202,10 +214,9 @@ def verdicts(res: dict) -> dict[str, str]:
     if have("dense", *(f"gg_{g}{s}" for g in ("coarse", "fine", "meprop") for s in ("", "_das"))):
         parts = []
         for g in ("coarse", "fine", "meprop"):
-            ok = _val(res, f"gg_{g}_das") <= d * (1 + TOL_NO_WORSE)
             parts.append(f"{g}: {_val(res, f'gg_{g}'):.1f} sparse to the end, {_val(res, f'gg_{g}_das'):.1f} with "
                          f"dense-after-sparse ({rel(f'gg_{g}_das'):+.1f} % vs dense): "
-                         f"{'holds' if ok else 'does not hold'}")
+                         f"{_judge(res, f'gg_{g}_das', d * (1 + TOL_NO_WORSE))}")
         out["gate_gradient"] = (
             f"Claim: with dense-after-sparse, sparse gate gradients recover dense accuracy (here: mean validation "
             f"perplexity within {TOL_NO_WORSE:.0%} of dense, {d:.1f}{spread}). " + "; ".join(parts) + ".")
@@ -214,8 +225,7 @@ def verdicts(res: dict) -> dict[str, str]:
     if have("dense", "np_gradual80", "np_gradual90"):
         parts = []
         for v, s in (("np_gradual80", "80 %"), ("np_gradual90", "90 %")):
-            ok = _val(res, v) <= d * (1 + TOL_NEAR)
-            parts.append(f"{s} sparse {_val(res, v):.1f} ({rel(v):+.1f} %): {'holds' if ok else 'does not hold'}")
+            parts.append(f"{s} sparse {_val(res, v):.1f} ({rel(v):+.1f} %): {_judge(res, v, d * (1 + TOL_NEAR))}")
         out["gradual_pruning"] = (
             f"Claim: 80-90 % sparse LSTMs come near the dense model (here: mean validation perplexity within "
             f"{TOL_NEAR:.0%} of dense, {d:.1f}{spread}). " + "; ".join(parts) + ".")
@@ -320,7 +330,8 @@ def build_markdown(res: dict, out_dir: Path, md_path: Path, quick: bool = False)
         f"({n_runs} of {expected} runs; a rerun skips the runs whose JSON exists).", "",
         "Every run is `examples/train_lm.py` on the shipped Shakespeare corpus (`examples/data/shakespeare`): "
         f"embedding -> 2-layer LSTM ({cfg.get('hidden', '?')} units, tied {cfg.get('emb', '?')}-d embedding and "
-        f"decoder) -> softmax over the {cfg.get('vocab', '?')} most frequent training words, batch "
+        f"decoder) -> softmax over a {cfg.get('vocab', '?')}-word vocabulary (`<unk>`, `<eos>` and the most "
+        f"frequent training words), batch "
         f"{cfg.get('batch', '?')} x {cfg.get('seq', '?')} steps of truncated BPTT, {cfg.get('optimizer', '?')} "
         f"lr {cfg.get('lr', '?')}, gradient clipping 0.25, standard dropout 0.3 (embedding, between the layers, "
         f"output) unless a row says otherwise, **{cfg.get('steps', '?')} steps for every run**{epoch_note}, "

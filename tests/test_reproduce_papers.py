@@ -102,3 +102,10 @@ def test_quick_run_resumes_and_builds_the_page(tmp_path):
     assert (out / "dense_s1.json").stat().st_mtime_ns == mtime
     r = subprocess.run([*cmd[:2], "--only", "nope"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown variant" in r.stderr
+
+
+def test_a_narrow_miss_is_called_narrow(rp):
+    res = {"v": {1: {"val_ppl": 100.0}, 2: {"val_ppl": 104.0}}}  # mean 102, seeds 4 apart
+    assert rp._judge(res, "v", 102.0) == "holds"
+    assert rp._judge(res, "v", 101.0).startswith("does not hold, narrowly (1.0 over")
+    assert rp._judge(res, "v", 97.0) == "does not hold"
