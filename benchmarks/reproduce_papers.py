@@ -159,7 +159,10 @@ def load_results(out_dir: Path) -> dict[str, dict[int, dict]]:
 def steps_per_epoch(cfg: dict) -> int | None:
     """Training steps in one epoch of the run's corpus at its batch x seq (None: unknown)."""
     try:
-        text = (Path(cfg["data"]) / "train.txt").read_text(encoding="utf-8")
+        data = Path(cfg["data"])
+        if not data.is_dir():  # JSON written on another machine: the same corpus in this checkout
+            data = ROOT / "examples" / "data" / data.name
+        text = (data / "train.txt").read_text(encoding="utf-8")
         n = sum(len(line.split()) + 1 for line in text.splitlines() if line.split())  # words + <eos>
         return (n // cfg["batch"] - 1) // cfg["seq"]
     except (KeyError, OSError, TypeError, ZeroDivisionError):
