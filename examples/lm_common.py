@@ -1,4 +1,6 @@
-"""Word-level language-model plumbing shared by the examples: corpus, batches, model, eval.
+"""Word-level language-model plumbing of ``train_lm.py`` (and ``benchmarks/reproduce_papers.py``,
+which runs it): corpus and its one tokenisation, batches, model, evaluation, and the sparsity
+configs the command line names.
 
 The corpus is the Shakespeare copy shipped in ``examples/data/shakespeare`` (see its README).
 """
@@ -10,6 +12,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from rnn_sparsify import GateGradientSparsity, WeightSparsity
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "shakespeare"
 
@@ -107,3 +111,45 @@ def make_lm(vocab: int = 10000, batch: int = 20, seq_len: int = 35):
     the 2-layer language model of ``train_lm.py`` (emb = hidden = 200, its defaults) and one
     batch of example tokens (seq_len x batch)."""
     return WordLM(vocab, 200, 200, num_layers=2, dropout=0.0), (torch.randint(0, vocab, (seq_len, batch)),)
+
+
+# -- sparsity configs named on the command line ---------------------------------------------
+GATE_MODES = ("none", "coarse", "fine", "meprop")
+WEIGHT_METHODS = ("none", "gradual", "dst", "static")
+DEFAULT_WEIGHT_SPARSITY = {"gradual": 0.9, "dst": 0.67, "static": 0.67}
+
+
+def gate_config(name: str) -> GateGradientSparsity | None:
+    """Gate-gradient sparsity (Zhu et al. 2018) by name; ``"none"``: None."""
+    return {
+        "none": None,
+        "coarse": GateGradientSparsity.coarse(P=4, R=8, S=4),
+        "fine": GateGradientSparsity.fine(My=8, Mx=4, K=2),
+        "meprop": GateGradientSparsity.meprop(keep=0.5),
+    }[name]
+
+
+def weight_config(method: str, total_steps: int, sparsity: float | None = None, *, init: str = "uniform",
+                  freq: int = 50, update_every: int = 50, prune_rate: float = 0.5,
+                  block: tuple[int, int] = (1, 1), seed: int = 0) -> WeightSparsity | None:
+    """Weight sparsity of the LSTM's input and recurrent matrices by method name:
+
+    * ``gradual``: magnitude pruning to ``sparsity`` (default 0.9) along Narang et al.'s
+      schedule, masks updated every ``freq`` steps from 10 % to 50 % of ``total_steps``;
+    * ``dst``: dynamic sparse training (ST-RNN) at the fixed ``sparsity`` (default 0.67), topology
+      ``init`` (``uniform`` / ``erdos_renyi``), prune and regrow every ``update_every`` steps;
+    * ``static``: the same random initial topology as ``dst``, never changed
+      (:meth:`WeightSparsity.static`): a static sparse network with the same number of non-zeros;
+    * ``none``: None.
+    """
+    if method == "none":
+        return None
+    s = DEFAULT_WEIGHT_SPARSITY[method] if sparsity is None else sparsity
+    if method == "gradual":
+        return WeightSparsity.gradual(total_steps, s, freq=freq, block=tuple(block))
+    if method == "dst":
+        return WeightSparsity.dst(total_steps, s, init=init, update_every=update_every, prune_rate=prune_rate,
+                                  block=tuple(block), seed=seed)
+    if method == "static":
+        return WeightSparsity.static(total_steps, s, init=init, block=tuple(block), seed=seed)
+    raise ValueError(f"unknown weight-sparsity method {method!r}; one of {WEIGHT_METHODS}")

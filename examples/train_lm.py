@@ -5,6 +5,9 @@ side by side, and compare perplexity and training speed.
     python examples/train_lm.py --no-compare          # only the sparse model
     python examples/train_lm.py --gate fine --dropout-in 0.5 --dropout-rec 0.5 --steps 2000
     python examples/train_lm.py --data my_corpus/ --out runs/lm.json --plot runs/lm.png
+    python examples/train_lm.py --sparse-dropout standard --gate none --weight-method gradual --weight-sparsity 0.9 \
+        --optimizer adam --emb 256 --hidden 256 --steps 1000        # gradual pruning (Narang) vs dense
+    python examples/train_lm.py --sparse-dropout standard --gate none --weight-method dst --weight-init erdos_renyi
 
 Both runs start from the same initial weights, see the same batches and the same seed, and
 train for the same number of steps, one after the other in this process:
@@ -14,7 +17,17 @@ train for the same number of steps, one after the other in this process:
 * ``sparse``: the same model through ``sparsify(model, StructuredDropout(...),
   GateGradientSparsity...)``: structured dropout (NR ``--dropout-in`` + RH ``--dropout-rec``,
   Sarma et al.; the embedding dropout is fused into it) and gate-gradient sparsity (``--gate``,
-  Zhu et al.) with dense gate gradients for the final ``--dense-after`` fraction of the steps.
+  Zhu et al.) with dense gate gradients for the final ``--dense-after`` fraction of the steps,
+  and, with ``--weight-method``, weight sparsity of the LSTM's input and recurrent matrices:
+  ``gradual`` magnitude pruning to ``--weight-sparsity`` (Narang et al.), ``dst`` dynamic sparse
+  training at a fixed ``--weight-sparsity`` (ST-RNN, Liu et al.; ``--weight-init uniform`` or
+  ``erdos_renyi``), or ``static``: the same random sparse topology as ``dst``, never changed.
+  ``--sparse-dropout standard`` keeps the model's own (standard) dropout in the sparse model, so
+  one technique can be compared with the dense model alone; ``--dense-only`` trains only the
+  dense model.
+
+``benchmarks/reproduce_papers.py`` runs this script for every technique and seed and writes
+``docs/results.md``.
 
 Prints the sparsify report, the layer backend the sparse LSTM ran on, a progress bar per run
 and a table (validation / test perplexity, ms per training step, speed-up vs dense); writes a
@@ -42,9 +55,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lm_common import DATA_DIR, Corpus, WordLM, batchify, bptt_batches, detach, evaluate  # noqa: E402
+from lm_common import (  # noqa: E402
+    DATA_DIR, DEFAULT_WEIGHT_SPARSITY, GATE_MODES, WEIGHT_METHODS, Corpus, WordLM, batchify, bptt_batches, detach,
+    evaluate, gate_config, weight_config,
+)
 
-from rnn_sparsify import GateGradientSparsity, StructuredDropout, sparsify  # noqa: E402
+from rnn_sparsify import StructuredDropout, sparsify  # noqa: E402
+from rnn_sparsify.weight_sparsity import (  # noqa: E402
+    DSTScheduler, GradualPruningScheduler, format_weight_sparsity_stats, weight_sparsity_stats,
+)
 
 try:
     from tqdm import tqdm
@@ -53,15 +72,6 @@ except ImportError:  # pragma: no cover - tqdm is a dependency, but keep the exa
 
 SPLITS = ("train.txt", "valid.txt", "test.txt")
 DEFAULT_PLOT = Path("runs") / "lm_compare.png"
-
-
-def gate_config(name: str) -> GateGradientSparsity | None:
-    return {
-        "none": None,
-        "coarse": GateGradientSparsity.coarse(P=4, R=8, S=4),
-        "fine": GateGradientSparsity.fine(My=8, Mx=4, K=2),
-        "meprop": GateGradientSparsity.meprop(keep=0.5),
-    }[name]
 
 
 def check_data(parser: argparse.ArgumentParser, data: Path) -> None:
@@ -85,20 +95,39 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", type=Path, default=DATA_DIR, help="folder with train.txt, valid.txt, test.txt (default: shipped Shakespeare)")
     ap.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                     help="also train the dense model and compare (default: on; --no-compare trains only the sparse model)")
+    ap.add_argument("--dense-only", action="store_true", help="train only the dense model")
     ap.add_argument("--vocab", type=int, default=10000)
     ap.add_argument("--emb", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=200)
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--seq", type=int, default=35)
     ap.add_argument("--steps", type=int, default=300, help="training steps (truncated-BPTT batches) per run")
-    ap.add_argument("--lr", type=float, default=20.0)
+    ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="both runs (default: plain SGD)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: 20 for sgd, 2e-3 for adam)")
     ap.add_argument("--clip", type=float, default=0.25)
     ap.add_argument("--dropout-in", type=float, default=0.3,
                     help="sparse: structured NR dropout; dense: the standard dropout rate")
     ap.add_argument("--dropout-rec", type=float, default=0.3, help="sparse: structured RH dropout")
-    ap.add_argument("--gate", choices=["none", "coarse", "fine", "meprop"], default="coarse",
+    ap.add_argument("--sparse-dropout", choices=["structured", "standard"], default="structured",
+                    help="sparse model's dropout: structured NR+RH (default) or the model's standard dropout "
+                         "(as the dense model; --dropout-rec unused)")
+    ap.add_argument("--gate", choices=GATE_MODES, default="coarse",
                     help="gate-gradient sparsity of the sparse model")
-    ap.add_argument("--dense-after", type=float, default=0.25, help="final fraction of steps with dense gate gradients")
+    ap.add_argument("--dense-after", type=float, default=0.25,
+                    help="final fraction of steps with dense gate gradients (0: sparse to the end)")
+    ap.add_argument("--weight-method", choices=WEIGHT_METHODS, default="none",
+                    help="weight sparsity of the sparse model's LSTM: gradual pruning, dynamic sparse training, "
+                         "or a static random sparse topology (default: none)")
+    ap.add_argument("--weight-sparsity", type=float, default=None,
+                    help="target (gradual) or fixed (dst, static) sparsity; default " +
+                         ", ".join(f"{k} {v}" for k, v in DEFAULT_WEIGHT_SPARSITY.items()))
+    ap.add_argument("--weight-init", choices=["uniform", "erdos_renyi"], default="uniform",
+                    help="dst/static: initial sparse topology")
+    ap.add_argument("--weight-freq", type=int, default=50, help="gradual: steps between mask updates")
+    ap.add_argument("--update-every", type=int, default=50, help="dst: steps between prune/regrow")
+    ap.add_argument("--prune-rate", type=float, default=0.5, help="dst: initial prune/regrow fraction")
+    ap.add_argument("--weight-block", type=int, nargs=2, default=(1, 1), metavar=("ROWS", "COLS"),
+                    help="weight-sparsity pruning block")
     ap.add_argument("--eval-batches", type=int, default=None, help="cap validation/test batches (default: all)")
     ap.add_argument("--curve-points", type=int, default=5,
                     help="validation points on the learning curve (on at most 20 validation batches; 0: none)")
@@ -108,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"learning-curve PNG (default: next to --out, else {DEFAULT_PLOT}); needs matplotlib")
     ap.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     return ap
 
 
@@ -119,11 +149,16 @@ def eval_state(args):
     return tuple(torch.zeros(2, EVAL_BATCH, args.hidden, device=args.device) for _ in range(2))
 
 
-def train_run(name, model, args, train, valid, state0, dense_from):
+def train_run(name, model, args, train, valid, state0, dense_from, weight_method="none"):
     """Train ``model`` for ``args.steps`` steps; returns (per-step ms list, losses, val curve)."""
     torch.manual_seed(args.seed + 1)  # same dropout stream seed for both runs
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+    if args.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+    sched = {"gradual": GradualPruningScheduler, "dst": DSTScheduler, "static": DSTScheduler}.get(weight_method)
+    sched = sched(model, opt) if sched is not None else None
     loss_fn = nn.CrossEntropyLoss()
     batches = bptt_batches(train, args.seq)
     state = state0
@@ -151,6 +186,8 @@ def train_run(name, model, args, train, valid, state0, dense_from):
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
+        if sched is not None:
+            sched.step()  # mask update (on its schedule); masked weights and optimizer state stay zero
         lv = loss.item()
         step_ms.append((time.perf_counter() - t0) * 1e3)
         losses.append(lv)
@@ -160,6 +197,8 @@ def train_run(name, model, args, train, valid, state0, dense_from):
             post = {"loss": f"{lv:.3f}"}
             if dense_from is not None:
                 post["phase"] = "dense" if step >= dense_from else "sparse"
+            if sched is not None:
+                post["w.sparsity"] = f"{sched.sparsity():.2f}"
             bar.set_postfix(post)
     if tqdm:
         bar.close()
@@ -205,6 +244,26 @@ def main(argv=None) -> dict:
     check_data(ap, args.data)
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the first step is warm-up and not timed)")
+    if args.lr is None:
+        args.lr = 2e-3 if args.optimizer == "adam" else 20.0
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    if not 0 <= args.dense_after <= 1:
+        ap.error("--dense-after must be in [0, 1]")
+    try:
+        ws = weight_config(args.weight_method, args.steps, args.weight_sparsity, init=args.weight_init,
+                           freq=args.weight_freq, update_every=args.update_every, prune_rate=args.prune_rate,
+                           block=tuple(args.weight_block), seed=args.seed)
+    except ValueError as e:
+        ap.error(f"weight sparsity: {e}")
+    gs = gate_config(args.gate)
+    sd = StructuredDropout(args.dropout_in, args.dropout_rec) if args.sparse_dropout == "structured" else None
+    configs = [c for c in (sd, gs, ws) if c is not None]
+    if not configs and not args.dense_only:
+        ap.error("nothing to sparsify: --sparse-dropout standard with --gate none and --weight-method none "
+                 "(use --dense-only to train only the dense model)")
 
     corpus = Corpus(args.data, args.vocab)
     train = batchify(corpus.train, args.batch).to(args.device)
@@ -219,28 +278,42 @@ def main(argv=None) -> dict:
     dense = WordLM(len(corpus), args.emb, args.hidden, num_layers=2, dropout=args.dropout_in).to(args.device)
     init = copy.deepcopy(dense.state_dict())
     state0 = tuple(torch.zeros(2, args.batch, args.hidden, device=args.device) for _ in range(2))
-    sd = StructuredDropout(args.dropout_in, args.dropout_rec)
-    gs = gate_config(args.gate)
-    configs = [sd] + ([gs] if gs is not None else [])
-    example = (train[: args.seq], state0)  # a training batch and state: the traced forward is the one training uses
-    sparse = sparsify(dense, *configs, example_inputs=example)
-    print(f"sparsify(model, {', '.join(repr(c) for c in configs)}):")
-    print(sparse.rnn_sparsify_report)
-    print()
+    sparse = None
+    if not args.dense_only:
+        example = (train[: args.seq], state0)  # a training batch and state: the traced forward is the one training uses
+        sparse = sparsify(dense, *configs, example_inputs=example)
+        print(f"sparsify(model, {', '.join(repr(c) for c in configs)}):")
+        print(sparse.rnn_sparsify_report)
+        print()
+        # its own initial state: the init weights, and with weight sparsity the masks drawn at
+        # sparsify time (loading the dense init would make the masks dense again)
+        sparse_init = copy.deepcopy(sparse.state_dict()) if ws is not None else init
 
-    plan = ([("dense", dense)] if args.compare else []) + [("sparse", sparse)]
+    if args.dense_only:
+        plan = [("dense", dense)]
+    else:
+        plan = ([("dense", dense)] if args.compare else []) + [("sparse", sparse)]
     dense_from = int(math.ceil(args.steps * (1 - args.dense_after))) if gs is not None else None
     print(f"{len(plan)} run{'s' if len(plan) > 1 else ''} of {args.steps} steps, one after the other "
           f"(sequential, same process, same initial weights, batches and seed); "
           f"{torch.get_num_threads()} torch threads")
     runs = []
     for name, model in plan:
-        model.load_state_dict(init, strict=False)
+        model.load_state_dict(sparse_init if name == "sparse" else init, strict=False)
         step_ms, losses, curve = train_run(name, model, args, train, valid, state0,
-                                           dense_from if name == "sparse" else None)
-        backend = getattr(model.lstm, "last_backend", None) if name == "sparse" else "torch (nn.LSTM)"
+                                           dense_from if name == "sparse" else None,
+                                           args.weight_method if name == "sparse" else "none")
+        backend = (getattr(model.lstm, "last_backend", None) or "torch (nn.LSTM)") if name == "sparse" else "torch (nn.LSTM)"
+        extra = {}
         if name == "sparse":
             print(f"sparse LSTM layer backend: {backend}")
+            if ws is not None:
+                st = weight_sparsity_stats(model.lstm)
+                print(format_weight_sparsity_stats(st, "lstm"))
+                nnz = sum(m["nnz"] for m in st["matrices"])
+                numel = sum(m["numel"] for m in st["matrices"])
+                extra = {"lstm_weight_sparsity": 1.0 - nnz / numel, "lstm_weight_nnz": nnz,
+                         "lstm_params_ratio": st["params"]["ratio"], "lstm_flops_ratio": st["flops"]["ratio"]}
         timed = step_ms[1:]
         runs.append({
             "variant": name,
@@ -252,6 +325,7 @@ def main(argv=None) -> dict:
             "backend": backend,
             "train_loss": losses,
             "val_curve": curve,
+            **extra,
         })
 
     base = runs[0]["ms_per_step"] if runs[0]["variant"] == "dense" else None
@@ -267,8 +341,10 @@ def main(argv=None) -> dict:
         "config": {
             "data": str(args.data), "vocab": len(corpus), "emb": args.emb, "hidden": args.hidden,
             "batch": args.batch, "seq": args.seq, "steps": args.steps, "lr": args.lr, "seed": args.seed,
-            "structured_dropout": sd.to_dict(), "gate_sparsity": None if gs is None else gs.to_dict(),
-            "dense_after": args.dense_after, "dense_dropout": args.dropout_in,
+            "structured_dropout": None if sd is None else sd.to_dict(),
+            "gate_sparsity": None if gs is None else gs.to_dict(),
+            "weight_sparsity": None if ws is None else ws.to_dict(), "weight_method": args.weight_method,
+            "dense_after": args.dense_after, "dense_dropout": args.dropout_in, "optimizer": args.optimizer,
             "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
         },
     }

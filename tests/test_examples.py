@@ -1,5 +1,6 @@
 """examples/train_lm.py, the README's main job, at tiny settings in a subprocess: the JSON
-summary of the dense-vs-sparse comparison and the one-line error for a bad data folder."""
+summary of the dense-vs-sparse comparison, the one-line error for a bad data folder, and each
+weight-sparsity method (the former train_weight_sparse_lm.py) hitting its sparsity."""
 from __future__ import annotations
 
 import json
@@ -57,3 +58,33 @@ def test_train_lm_bad_data_folder(tmp_path):
         assert "Traceback" not in r.stderr
         assert word in err[-1] and str(folder) in err[-1], err
         assert len([l for l in err if not l.startswith("usage:") and not l.startswith(" ")]) == 1, err
+
+
+def test_train_lm_weight_sparsity_methods_hit_their_sparsity(tmp_path):
+    common = [*TINY, "--steps", "10", "--no-compare", "--no-plot", "--sparse-dropout", "standard",
+              "--gate", "none", "--weight-freq", "2", "--update-every", "2", "--optimizer", "adam"]
+    want = {"gradual": 0.9, "dst": 0.67, "static": 0.67}
+    for method, sparsity in want.items():
+        out = tmp_path / f"{method}.json"
+        r = _run([*common, "--weight-method", method, "--out", str(out)], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        summary = json.loads(out.read_text())
+        (run,) = summary["runs"]
+        assert run["variant"] == "sparse" and 1 < run["val_ppl"] < 500, run["val_ppl"]
+        assert abs(run["lstm_weight_sparsity"] - sparsity) < 0.01, (method, run["lstm_weight_sparsity"])
+        assert abs(run["lstm_flops_ratio"] - (1 - sparsity)) < 0.01
+        cfg = summary["config"]
+        assert cfg["weight_method"] == method and cfg["structured_dropout"] is None and cfg["optimizer"] == "adam"
+        assert cfg["lr"] == 2e-3 and cfg["weight_sparsity"]["prune_rate" if method != "gradual" else "freq"] == (
+            {"dst": 0.5, "static": 0.0, "gradual": 2}[method])
+        assert "weight_ih_l0" in r.stdout  # the per-gate sparsity table
+
+
+def test_train_lm_dense_only_and_nothing_to_sparsify(tmp_path):
+    out = tmp_path / "dense.json"
+    r = _run([*TINY, "--dense-only", "--no-plot", "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["variant"] for x in json.loads(out.read_text())["runs"]] == ["dense"]
+    assert "sparsify(" not in r.stdout
+    r = _run([*TINY, "--sparse-dropout", "standard", "--gate", "none"], tmp_path)
+    assert r.returncode == 2 and "nothing to sparsify" in r.stderr.strip().splitlines()[-1], r.stderr

@@ -216,6 +216,26 @@ class WeightSparsity:
             weights=weights, seed=seed,
         )
 
+    @classmethod
+    def static(
+        cls,
+        total_steps: int,
+        target_sparsity: float,
+        *,
+        init: str = "uniform",
+        block: tuple[int, int] = (1, 1),
+        per_gate: bool = False,
+        weights: tuple[str, ...] = ("ih", "hh"),
+        seed: int = 0,
+    ) -> "WeightSparsity":
+        """A *static* sparse network: the random topology of :meth:`dst` (same ``init``, ``seed``,
+        so the same masks and the same number of non-zeros), never pruned or regrown. It is
+        ``dst(..., prune_rate=0)`` (``method`` stays ``"dst"``; step it with
+        :class:`DSTScheduler`, which then only keeps masked weights and their optimizer state at
+        zero): the baseline ST-RNN compares dynamic sparse training against."""
+        return cls.dst(total_steps, target_sparsity, init=init, prune_rate=0.0, block=block,
+                       per_gate=per_gate, weights=weights, seed=seed)
+
     # -- validation -----------------------------------------------------------------------
     def __post_init__(self) -> None:
         normalise_scalars(self, ("total_steps", "target_sparsity", "seed", "start_itr", "ramp_itr", "end_itr", "freq",

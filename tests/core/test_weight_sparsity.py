@@ -611,24 +611,31 @@ def test_stats_per_gate_params_and_flops_hand_computed():
 
 
 # ---------------------------------------------------------------------------------------
-# The example (tiny settings: a smoke test that it runs end to end and hits its sparsity)
+# Static sparse (ST-RNN's baseline): DST's initial topology, never changed
 # ---------------------------------------------------------------------------------------
-def test_example_word_lm_runs_each_method(tmp_path):
-    import importlib.util
-    from pathlib import Path
+@pytest.mark.parametrize("init", ["uniform", "erdos_renyi"])
+def test_static_has_the_dst_topology_and_never_changes_it(init):
+    cfg = WeightSparsity.static(30, 0.67, init=init, seed=3)
+    assert cfg.method == "dst" and cfg.prune_rate == 0.0 and cfg.update_steps() == []
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    dst = WeightSparsity.dst(30, 0.67, init=init, update_every=5, seed=3)
 
-    path = Path(__file__).resolve().parents[2] / "examples" / "train_weight_sparse_lm.py"
-    spec = importlib.util.spec_from_file_location("train_weight_sparse_lm", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    common = ["--steps", "8", "--hidden", "16", "--emb", "16", "--vocab", "300", "--freq", "2", "--update-every", "2"]
-    res = {}
-    for method in ("dense", "gradual", "dst"):
-        out = tmp_path / f"{method}.json"
-        with torch.random.fork_rng():  # main() seeds the global RNG
-            res[method] = mod.main([*common, "--method", method, "--out", str(out)])
-        assert json.loads(out.read_text())["val_ppl"] == pytest.approx(res[method]["val_ppl"])
-        assert 1 < res[method]["val_ppl"] < 300
-    assert res["dense"]["lstm_weight_sparsity"] == 0.0
-    assert res["gradual"]["lstm_weight_sparsity"] == pytest.approx(0.9, abs=0.01)
-    assert res["dst"]["lstm_weight_sparsity"] == pytest.approx(0.67, abs=0.01)
+    def masks(model):
+        return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("_mask")}
+
+    torch.manual_seed(0)
+    static_model = TinyLM(hidden=16)
+    dst_model = copy.deepcopy(static_model)
+    attach_weight_sparsity(static_model.rnn, cfg, name="rnn")
+    attach_weight_sparsity(dst_model.rnn, dst, name="rnn")
+    m0 = masks(static_model)
+    assert m0 and all(torch.equal(m0[k], v) for k, v in masks(dst_model).items())  # same initial draw
+    for model, c in ((static_model, cfg), (dst_model, dst)):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        _train(model, opt, DSTScheduler(model, opt), _batches(30))
+        for k, m in masks(model).items():
+            assert int(m.sum()) == int(m0[k].sum()), k  # same number of non-zeros
+            w = dict(model.named_parameters())[k[: -len("_mask")]]
+            assert torch.all(w[~m] == 0) and torch.all(opt.state[w]["exp_avg"][~m] == 0), k
+    assert all(torch.equal(m0[k], v) for k, v in masks(static_model).items())  # static: never changed
+    assert any(not torch.equal(m0[k], v) for k, v in masks(dst_model).items())  # dst: pruned and regrown
