@@ -126,7 +126,7 @@ class TvmCpuLayerBackend(LayerBackend):
             _warn_once(
                 "gate-gradient sparsity without structured dropout: on the CPU kernels the dropped "
                 "gate-gradient entries are zeroed, not skipped, so this training step is slower than "
-                "nn.LSTM's (measured 0.58-0.84x of its speed, docs/benchmarks.md); the gradients are "
+                "nn.LSTM's (measured 0.57-0.87x of its speed, docs/benchmarks.md); the gradients are "
                 "exactly the sparse ones"
             )
 
