@@ -29,7 +29,7 @@ Format (run-time data: re-pruning needs no rebuild, only ``nnz`` is a build-time
 ``Wv (grid*4*units, nnz)`` values in the kernel dtype and ``Wc`` (same shape) column indices
 (int16 below 32768 columns, else int32), every row padded with ``(col 0, value 0)``. Buffers:
 ``Xg (T, B, 4H)`` (gate-major like ``x @ W_ih.T + b``), ``Hs (T + 1, L)`` with ``Hs[0]`` = h0
-and ``Hs[t+1, j*B + b]`` = h_t (``L >= H*B``, padding zero), ``C (units*grid*B,)`` c0 in,
+and ``Hs[t+1, j*B + b]`` = h_t (``L >= H*B`` a multiple of 128 bytes, padding zero), ``C (units*grid*B,)`` c0 in,
 c_T out, ``bar (1,)`` int32. ``T`` is a run-time argument.
 
 :func:`make_kernel` builds the CUDA function; ``twin=True`` builds the *same* macros for LLVM
@@ -143,8 +143,10 @@ class PersistentSparseSpec:
 
     @property
     def h_len(self) -> int:
-        """Row length of ``Hs``: every unit of every CTA, padded to 16 bytes."""
-        return _up(self.grid * self.units * self.batch, self.hvec)
+        """Row length of ``Hs``: every unit of every CTA, padded to 128 bytes so that no cache
+        line holds parts of two steps (a line of ``Hs[t]`` cached in L1 while reading
+        ``Hs[t - 1]`` would be stale at step ``t``)."""
+        return _up(self.grid * self.units * self.batch, 128 // _BYTES[self.dtype])
 
     @property
     def h_smem_len(self) -> int:
@@ -271,6 +273,9 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
     WCH = (R4 * NS) // VV  # 16-byte chunks of this CTA's shared values
     CCH = (R4 * NS) // VC
     HCH = LS // HV
+    # the batch loop of the dot product as one vector (a wide load of h) when B is a power of
+    # two that fits 16 bytes; else serial
+    BV = B if (B & (B - 1)) == 0 and B * _BYTES[dt] <= 16 else 1
 
     @T.macro
     def load_regs(Wv, Wc, bx, tx, wr_v, wr_c, rb):
@@ -304,13 +309,17 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
     def dot(tx, wr_v, wr_c, rb, wv_s, wc_s, hs_s, part_s, acc):
         for b in T.unroll(B):
             acc[b] = T.float32(0)
+        # one non-zero reads its B batch values of h as one wide shared-memory load
         for j in T.unroll(RN):
-            for b in T.unroll(B):
-                acc[b] = acc[b] + wr_v[rb + j] * T.Cast(f32, hs_s[wr_c[rb + j] * B + b])
+            for bo in T.unroll(B // BV):
+                for b in T.vectorized(BV):
+                    acc[bo * BV + b] = acc[bo * BV + b] + wr_v[rb + j] * T.Cast(
+                        f32, hs_s[wr_c[rb + j] * B + bo * BV + b])
         for j in range(NS // S):
-            for b in T.unroll(B):
-                acc[b] = acc[b] + T.Cast(f32, wv_s[(tx // S) * NS + j * S + tx % S]) * T.Cast(
-                    f32, hs_s[T.Cast("int32", wc_s[(tx // S) * NS + j * S + tx % S]) * B + b])
+            for bo in T.unroll(B // BV):
+                for b in T.vectorized(BV):
+                    acc[bo * BV + b] = acc[bo * BV + b] + T.Cast(f32, wv_s[(tx // S) * NS + j * S + tx % S]) * T.Cast(
+                        f32, hs_s[T.Cast("int32", wc_s[(tx // S) * NS + j * S + tx % S]) * B + bo * BV + b])
         for b in T.unroll(B):
             part_s[tx * B + b] = acc[b]
 
@@ -439,6 +448,52 @@ def build_twin(spec: PersistentSparseSpec):
     return tvm.compile(tvm.IRModule({spec.name + "_twin": make_kernel(spec, twin=True)}), target="llvm")
 
 
+def dynamic_smem_bytes(mod, target) -> int:
+    """Bytes of dynamic shared memory TVM's lowering allocates for the kernel of ``mod``
+    (its merged ``shared.dyn`` buffer; the launch must pass this size)."""
+    import re
+
+    import tvm
+
+    host = tvm.target.Target("llvm")
+    lowered = tvm.tirx.transform.BindTarget(target.with_host(host))(mod)
+    pipe, _, _ = tvm.tirx.get_tir_pipeline("s_tir")
+    lowered = pipe(lowered)
+    sizes = [int(m.group(1)) for f in lowered.functions.values()
+             for m in re.finditer(r'buf_dyn_shmem = T\.alloc_buffer\(\((\d+),\), "uint8"', str(f))]
+    if len(sizes) != 1:
+        from .errors import CodegenError
+
+        raise CodegenError(f"expected one merged dynamic shared-memory buffer, found {sizes}")
+    return sizes[0]
+
+
+@dataclass(frozen=True)
+class PersistentEvalRequest:
+    """What ``rnn-sparsify compile --persistent-eval`` asks for; one kernel per arch is built
+    from it (:func:`spec_for_arch`)."""
+
+    hidden_size: int
+    batch: int
+    nnz: int  # bound on non-zeros per gate row of W_hh
+    dtype: str
+
+    def describe(self) -> str:
+        return (f"hidden {self.hidden_size}, batch {self.batch}, <= {self.nnz} non-zeros per gate row "
+                f"({self.nnz / self.hidden_size:.0%}), {self.dtype}")
+
+
+def nnz_bound(hidden_size: int, density: float) -> int:
+    """A per-row bound for a random mask of ``density``: the mean plus 5 standard deviations
+    of a binomial row count (rows of magnitude-pruned matrices vary more: pass the measured
+    maximum, :func:`rnn_sparsify.kernels.persistent_eval.row_nnz_max`, when the model is at
+    hand)."""
+    import math
+
+    mean = density * hidden_size
+    return min(hidden_size, math.ceil(mean + 5 * math.sqrt(max(mean * (1 - density), 1.0))))
+
+
 def cuda_source(spec: PersistentSparseSpec, arch: str) -> str:
     """The generated CUDA source of the kernel for ``arch``."""
     from .toolchain import import_tvm
@@ -449,5 +504,5 @@ def cuda_source(spec: PersistentSparseSpec, arch: str) -> str:
     return lib.mod.imports[0].inspect_source("cuda")
 
 
-__all__ = ["ARCH_LIMITS", "KIND", "PersistentSparseSpec", "blocks_per_sm", "build_twin", "coresidency_problem",
-           "cuda_source", "make_kernel", "spec_for_arch"]
+__all__ = ["ARCH_LIMITS", "KIND", "PersistentEvalRequest", "PersistentSparseSpec", "blocks_per_sm", "build_twin",
+           "coresidency_problem", "cuda_source", "dynamic_smem_bytes", "make_kernel", "nnz_bound", "spec_for_arch"]
