@@ -40,7 +40,7 @@ _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _config: dict = {"path": None}
-_loaded: dict = {}  # device index -> PersistentKernels | str (why not)
+_loaded: dict = {}  # (device index, bundle path) -> PersistentKernels | str (why not)
 _WARNED: set = set()
 
 
@@ -176,7 +176,13 @@ def use_bundle(path) -> None:
 
 
 def bundle_path() -> Optional[str]:
-    return _config["path"] or os.environ.get(ENV_VAR) or None
+    """This module's bundle, else the GEMM backend's (``cuda_backend.use_bundle``), else
+    ``$RNN_SPARSIFY_KERNELS``."""
+    if _config["path"]:
+        return _config["path"]
+    from . import cuda_backend
+
+    return cuda_backend._config.get("path") or os.environ.get(ENV_VAR) or None
 
 
 def _warn_once(key, msg: str) -> None:
@@ -267,18 +273,25 @@ def coresidency_text(entry, sms: int, per_sm: int, cooperative: bool) -> Optiona
 
 
 def _kernels_for(device: torch.device):
+    """The loaded kernels for ``device``, or a str saying why there are none (cached per
+    device and bundle path)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _loaded:
-        path = bundle_path()
+    path = bundle_path()
+    key = (idx, str(path))
+    if key not in _loaded:
         if path is None:
-            _loaded[idx] = f"no kernel bundle in use (rnn_sparsify.kernels.persistent_eval.use_bundle or ${ENV_VAR})"
+            _loaded[key] = f"no kernel bundle in use (rnn_sparsify.kernels.persistent_eval.use_bundle or ${ENV_VAR})"
         else:
             try:
-                _loaded[idx] = PersistentKernels(path, torch.device("cuda", idx))
+                _loaded[key] = PersistentKernels(path, torch.device("cuda", idx))
             except Exception as e:  # noqa: BLE001 - never an error: cuDNN runs instead
-                _loaded[idx] = f"bundle {path} not usable on cuda:{idx}: {type(e).__name__}: {e}"
-                _warn_once(("load", path, idx), _loaded[idx] + "; weight-sparse eval runs on nn.LSTM")
-    return _loaded[idx]
+                _loaded[key] = f"bundle {path} not usable on cuda:{idx}: {type(e).__name__}: {e}"
+                _warn_once(("load", path, idx), _loaded[key] + "; weight-sparse eval runs on nn.LSTM")
+            else:
+                if not _loaded[key].entries:
+                    _loaded[key] = (f"bundle {path} has no persistent eval kernel for "
+                                    f"{_loaded[key].arch} (build with `rnn-sparsify compile --persistent-eval`)")
+    return _loaded[key]
 
 
 def _weights_key(mod) -> tuple:

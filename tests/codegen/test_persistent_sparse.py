@@ -10,7 +10,7 @@ from torch import nn
 
 from rnn_sparsify.codegen.errors import UnsupportedGemm
 from rnn_sparsify.codegen.persistent_sparse import PersistentSparseSpec, spec_for_arch
-from rnn_sparsify.kernels.persistent_eval import layer_forward, pack_ell, row_nnz_max, unpack_ell
+from rnn_sparsify.kernels.persistent_eval import layer_forward, pack_ell, row_nnz_max
 
 pytestmark = pytest.mark.tvm
 
@@ -68,27 +68,6 @@ def test_twin_matches_float64_lstm(tvm, n_in, H, B, T, density, grid, reg, empty
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=atol)
     torch.testing.assert_close(hT.double(), hn[0], rtol=0, atol=atol)
     torch.testing.assert_close(cT.double(), cn[0], rtol=0, atol=atol * 4)
-
-
-def test_pack_ell_roundtrip_and_bound():
-    gen = torch.Generator().manual_seed(7)
-    H = 29
-    w = torch.randn(4 * H, H, generator=gen) * (torch.rand(4 * H, H, generator=gen) < 0.2)
-    w[5] = 0
-    spec = PersistentSparseSpec.make(H, 2, row_nnz_max(w), "float32", 4)
-    Wv, Wc = pack_ell(w, spec)
-    assert Wv.shape == (spec.rows_total, spec.nnz) and Wc.dtype == torch.int16
-    torch.testing.assert_close(unpack_ell(Wv, Wc, spec), w.double(), rtol=0, atol=0)
-    # row 4*j + g is gate g of unit j; padding entries are (col 0, value 0)
-    j, g = 3, 2
-    row = w[g * H + j]
-    k = int((row != 0).sum())
-    assert torch.equal(Wc[4 * j + g, :k].long(), (row != 0).nonzero()[:, 0])
-    assert torch.equal(Wv[4 * j + g, k:], torch.zeros(spec.nnz - k))
-    tight = PersistentSparseSpec.make(H, 2, 8, "float32", 4)
-    if row_nnz_max(w) > 8:
-        with pytest.raises(ValueError, match="non-zeros"):
-            pack_ell(w, tight)
 
 
 def test_spec_validation_and_arch_choice():
