@@ -273,9 +273,9 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
     WCH = (R4 * NS) // VV  # 16-byte chunks of this CTA's shared values
     CCH = (R4 * NS) // VC
     HCH = LS // HV
-    # the batch loop of the dot product as one vector (a wide load of h) when B is a power of
-    # two that fits 16 bytes; else serial
-    BV = B if (B & (B - 1)) == 0 and B * _BYTES[dt] <= 16 else 1
+    # the batch loop of the dot product in vectors of BV (one wide load of h per vector): the
+    # largest power of two <= 4 dividing B (TVM 0.27's CUDA codegen breaks on float32x8)
+    BV = max(v for v in (1, 2, 4) if B % v == 0)
 
     @T.macro
     def load_regs(Wv, Wc, bx, tx, wr_v, wr_c, rb):
