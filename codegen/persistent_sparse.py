@@ -248,6 +248,39 @@ def spec_for_arch(hidden_size: int, batch: int, nnz: int, dtype: str, arch: str,
     return spec
 
 
+def estimated_registers(spec: PersistentSparseSpec) -> int:
+    """Registers per thread, a conservative fit of ptxas's counts (sm_80/sm_90, CUDA 13:
+    36-40 at ``reg_nnz`` 0, 48 at 6, 56 at 12, 77 at 24; batch 8: 80 at 24)."""
+    return 40 + 2 * spec.reg_nnz + 2 * max(0, spec.batch - 4)
+
+
+def fits(hidden_size: int, density: float, arch: str, *, dtype: str = "bfloat16", batch: int = 4,
+         registers_of=None) -> PersistentSparseSpec | None:
+    """The spec of a layer of ``hidden_size`` at ``density`` (row bound :func:`nnz_bound`) when
+    its grid is co-resident on ``arch`` (registers from ``registers_of(spec)``, default
+    :func:`estimated_registers`), else None."""
+    spec = spec_for_arch(hidden_size, batch, nnz_bound(hidden_size, density), dtype, arch)
+    if spec.smem_bytes() + RESERVED_SMEM > ARCH_LIMITS[arch]["smem_block"]:
+        return None
+    regs = (registers_of or estimated_registers)(spec)
+    return spec if coresidency_problem(spec, arch, regs) is None else None
+
+
+def max_hidden_size(density: float, arch: str, *, step: int = 16, **kw) -> int:
+    """The largest hidden size (a multiple of ``step``) whose layer fits on chip (:func:`fits`);
+    binary search, assuming that a smaller layer fits when a larger one does."""
+    lo, hi = 0, 1
+    while fits(hi * step, density, arch, **kw):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid * step, density, arch, **kw):
+            lo = mid
+        else:
+            hi = mid
+    return lo * step
+
+
 # -- TIR ----------------------------------------------------------------------------------
 
 def _sig(T, x):
@@ -505,4 +538,5 @@ def cuda_source(spec: PersistentSparseSpec, arch: str) -> str:
 
 
 __all__ = ["ARCH_LIMITS", "KIND", "PersistentEvalRequest", "PersistentSparseSpec", "blocks_per_sm", "build_twin",
-           "coresidency_problem", "cuda_source", "dynamic_smem_bytes", "make_kernel", "nnz_bound", "spec_for_arch"]
+           "coresidency_problem", "cuda_source", "dynamic_smem_bytes", "estimated_registers", "fits", "make_kernel",
+           "max_hidden_size", "nnz_bound", "spec_for_arch"]
