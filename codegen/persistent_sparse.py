@@ -27,7 +27,8 @@ between a fast and a slow CTA).
 
 Format (run-time data: re-pruning needs no rebuild, only ``nnz`` is a build-time bound):
 ``Wv (grid*4*units, nnz)`` values in the kernel dtype and ``Wc`` (same shape) column indices
-(int16 below 32768 columns, else int32), every row padded with ``(col 0, value 0)``. Buffers:
+(int16 below 32768 columns, else int32), every row padded with ``(col 0, value 0)``, the order of a
+row's entries free (the run time uses a bank-aware one). Buffers:
 ``Xg (T, B, 4H)`` (gate-major like ``x @ W_ih.T + b``), ``Hs (T + 1, L)`` with ``Hs[0]`` = h0
 and ``Hs[t+1, j*B + b]`` = h_t (``L >= H*B`` a multiple of 128 bytes, padding zero), ``C (units*grid*B,)`` c0 in,
 c_T out, ``bar (1,)`` int32. ``T`` is a run-time argument.

@@ -51,12 +51,49 @@ def row_nnz_max(w_hh: Tensor) -> int:
     return int((w_hh != 0).sum(1).max()) if w_hh.numel() else 0
 
 
-def pack_ell(w_hh: Tensor, spec: PersistentSparseSpec) -> tuple[Tensor, Tensor]:
+def h_slots(spec: PersistentSparseSpec) -> Optional[int]:
+    """Shared-memory slots per wavefront of the kernel's load of ``h[col, 0..B)``: one load
+    of ``B * bytes`` (4, 8 or 16) per column, 128 bytes per wavefront -> 32, 16 or 8 slots
+    (column ``k`` is in slot ``k % slots``); None when the load is not one vector."""
+    cb = spec.batch * {"float32": 4, "float16": 2, "bfloat16": 2}[spec.dtype]
+    if spec.batch not in (1, 2, 4) or cb not in (4, 8, 16):
+        return None
+    n = 128 // cb
+    return n if n % spec.split == 0 else None
+
+
+def bank_aware_order(rows: Tensor, cols: Tensor, spec: PersistentSparseSpec) -> Tensor:
+    """A permutation of the non-zeros ``(rows, cols)`` (sorted by row) that keeps each row's
+    entries together and orders them so that the ``split`` entries a row's threads read at the
+    same instruction (positions ``split*j .. split*j + split - 1``) fall in different slots of
+    h, and so do those of the rows sharing a wavefront (``slots / split`` consecutive rows:
+    row ``p`` of them takes slot range ``p`` at even iterations, the next one at odd ones...):
+    entries sorted by (rank within their (row, slot) bucket, rotated slot). Conflict-free while
+    every bucket of the row still has entries; the rest of the row is in slot order."""
+    ns = h_slots(spec)
+    n = rows.numel()
+    if ns is None or n == 0:
+        return torch.arange(n, device=rows.device)
+    S = spec.split
+    slot = cols % ns
+    phase = (rows % spec.rows) % (ns // S)  # position of the row in its wavefront
+    slot_r = (slot + phase * S) % ns
+    group = rows * ns + slot
+    o1 = torch.argsort(group * (spec.hidden_size + 1) + cols)
+    _, counts = torch.unique_consecutive(group[o1], return_counts=True)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    q = torch.empty_like(rows)
+    q[o1] = torch.arange(n, device=rows.device) - starts
+    return torch.argsort((rows * (int(q.max()) + 1) + q) * ns + slot_r)
+
+
+def pack_ell(w_hh: Tensor, spec: PersistentSparseSpec, *, bank_aware: bool = True) -> tuple[Tensor, Tensor]:
     """``(Wv, Wc)``: ``w_hh`` (4H, H, gate-major like ``nn.LSTM``) in the kernel's format.
 
     Row ``4*j + g`` holds gate ``g`` of unit ``j`` (rows past ``4H`` are empty); each row's
-    non-zeros in column order, padded to ``spec.nnz`` with ``(col 0, value 0)``. Raises
-    ValueError when a row has more non-zeros than the bound."""
+    non-zeros in the :func:`bank_aware_order` (``bank_aware=False``: column order), padded to
+    ``spec.nnz`` with ``(col 0, value 0)``. Raises ValueError when a row has more non-zeros
+    than the bound."""
     H = spec.hidden_size
     if tuple(w_hh.shape) != (4 * H, H):
         raise ValueError(f"W_hh must be ({4 * H}, {H}), got {tuple(w_hh.shape)}")
@@ -66,6 +103,9 @@ def pack_ell(w_hh: Tensor, spec: PersistentSparseSpec) -> tuple[Tensor, Tensor]:
     if counts.numel() and int(counts.max()) > spec.nnz:
         raise ValueError(f"a gate row has {int(counts.max())} non-zeros, the kernel holds at most {spec.nnz}")
     rows, cols = nz.nonzero(as_tuple=True)  # row-major: columns ascending within a row
+    if bank_aware:
+        perm = bank_aware_order(rows, cols, spec)
+        rows, cols = rows[perm], cols[perm]
     first = torch.cumsum(counts, 0) - counts
     slot = torch.arange(rows.numel(), device=w.device) - first[rows]
     idt = getattr(torch, spec.idx_dtype)
@@ -74,6 +114,31 @@ def pack_ell(w_hh: Tensor, spec: PersistentSparseSpec) -> tuple[Tensor, Tensor]:
     Wv[rows, slot] = w[rows, cols].to(Wv.dtype)
     Wc[rows, slot] = cols.to(idt)
     return Wv, Wc
+
+
+def h_wavefronts(Wc: Tensor, spec: PersistentSparseSpec) -> float:
+    """Model of the bank conflicts of the h gather: mean shared-memory wavefronts per warp-wide
+    load of ``h[col]`` over the packed format (lanes in wavefronts of ``slots`` consecutive
+    threads; a wavefront takes as many passes as its most-used slot holds distinct columns).
+    The minimum is ``32 / slots`` (2 for bf16 x 4)."""
+    ns = h_slots(spec)
+    if ns is None:
+        raise ValueError("the h load of this spec is not one vector per column")
+    S, R4 = spec.split, spec.rows
+    c = Wc.long().reshape(spec.grid, R4, spec.nnz // S, S)  # [cta, row, iteration, lane]
+    c = c.permute(0, 2, 1, 3).reshape(spec.grid, spec.nnz // S, -1)  # [cta, iteration, thread]
+    T = c.shape[-1]
+    c = torch.cat([c, c.new_full((*c.shape[:2], (-T) % ns), -1)], -1)  # idle lanes: no load
+    waves = c.reshape(*c.shape[:2], -1, ns)  # [cta, iteration, wavefront, lane]
+    srt = waves.sort(-1).values
+    distinct = torch.ones_like(srt, dtype=torch.bool)
+    distinct[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    distinct &= srt >= 0
+    per_slot = torch.zeros(*srt.shape[:-1], ns, dtype=torch.long)
+    per_slot.scatter_add_(-1, srt.clamp(min=0) % ns, distinct.long())
+    passes = per_slot.max(-1).values.clamp(min=1)  # [cta, iteration, wavefront]
+    per_warp = passes.reshape(*passes.shape[:2], -1, 32 // ns).sum(-1)
+    return float(per_warp.double().mean())
 
 
 def unpack_ell(Wv: Tensor, Wc: Tensor, spec: PersistentSparseSpec) -> Tensor:
@@ -375,5 +440,5 @@ def _run(mod, x, hx, kernels, plan):
     return out.contiguous(), (hn, cn)
 
 
-__all__ = ["BACKEND", "choose_entry", "layer_forward", "pack_ell", "row_nnz_max", "sparse_persistent_forward",
+__all__ = ["BACKEND", "bank_aware_order", "choose_entry", "h_slots", "h_wavefronts", "layer_forward", "pack_ell", "row_nnz_max", "sparse_persistent_forward",
            "unpack_ell", "use_bundle", "why_not_static"]

@@ -30,7 +30,7 @@ def test_pack_ell_matches_the_dense_masked_matrix():
     w = torch.randn(4 * H, H, generator=gen) * (torch.rand(4 * H, H, generator=gen) < 0.2)
     w[5] = 0  # a row without non-zeros
     spec = PersistentSparseSpec.make(H, 2, pe.row_nnz_max(w), "bfloat16", 4)
-    Wv, Wc = pe.pack_ell(w, spec)
+    Wv, Wc = pe.pack_ell(w, spec, bank_aware=False)
     assert Wv.shape == (spec.rows_total, spec.nnz) and Wv.dtype == torch.bfloat16 and Wc.dtype == torch.int16
     torch.testing.assert_close(pe.unpack_ell(Wv, Wc, spec), w.bfloat16().double(), rtol=0, atol=0)
     j, g = 3, 2  # row 4*j + g is gate g of unit j, columns ascending, then (col 0, value 0) padding
@@ -154,3 +154,30 @@ def test_gemm_loader_skips_persistent_entries():
                        cubin_sha256="0")
     assert choose_entries(Manifest(kernels=(pers,), archs=("sm_90",)), "sm_90") == []
     assert choose_entries(Manifest(kernels=(pers, gemm), archs=("sm_90",)), "sm_90") == [(gemm, False)]
+
+
+def test_bank_aware_order_keeps_the_matrix_and_cuts_modelled_conflicts():
+    gen = torch.Generator().manual_seed(11)
+    H = 1024  # ~300 non-zeros per row: ~19 per slot (the order is conflict-free until a slot runs dry)
+    w = torch.randn(4 * H, H, generator=gen) * (torch.rand(4 * H, H, generator=gen) < 0.3)
+    spec = PersistentSparseSpec.make(H, 4, pe.row_nnz_max(w), "bfloat16", 64)  # h[col] = 8 bytes: 16 slots
+    Wv, Wc = pe.pack_ell(w, spec)
+    Wv0, Wc0 = pe.pack_ell(w, spec, bank_aware=False)
+    assert torch.equal(pe.unpack_ell(Wv, Wc, spec), pe.unpack_ell(Wv0, Wc0, spec))
+    assert not torch.equal(Wc, Wc0)
+    ba, col = pe.h_wavefronts(Wc, spec), pe.h_wavefronts(Wc0, spec)
+    assert 2.0 <= ba < 0.75 * col, (ba, col)  # 2 = conflict-free for 8-byte loads
+
+
+def test_h_wavefronts_model_on_a_constructed_case():
+    H = 128
+    w = torch.zeros(4 * H, H)
+    w[:, ::16] = 1.0  # every row: columns 0, 16, ..., 112, all in slot 0 of 16
+    spec = PersistentSparseSpec.make(H, 4, 8, "bfloat16", 4)
+    _, Wc = pe.pack_ell(w, spec)
+    # a wavefront = 2 rows x 8 lanes reading the same 8 distinct addresses of one slot: 8 passes
+    assert pe.h_wavefronts(Wc, spec) == 16.0
+    w2 = torch.zeros(4 * H, H)
+    w2[:, :8] = 1.0  # columns 0..7: 8 different slots, shared by the 2 rows (broadcast)
+    _, Wc2 = pe.pack_ell(w2, spec)
+    assert pe.h_wavefronts(Wc2, spec) == 2.0
