@@ -14,7 +14,7 @@ version). Where it does not apply, ``nn.LSTM.forward`` (cuDNN) runs, exactly as 
   GPU's arch, the hidden size, the dtype, a batch >= the call's and a non-zero bound >= the
   densest row of every ``W_hh`` (:func:`choose_entry`);
 * the entry's grid is co-resident on this GPU (occupancy API at load), else a warning and
-  cuDNN.
+  cuDNN; a launch the driver refuses also falls back (with a warning), for good on that device.
 
 Only :func:`pack_ell`, :func:`choose_entry`, :func:`layer_forward` (with any ``launch``
 callable) and the rule (:func:`why_not_static`) are exercised without a GPU (the tests run
@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from rnn_sparsify.codegen.errors import BundleError
 from rnn_sparsify.codegen.persistent_sparse import KIND, PersistentSparseSpec
 
 BACKEND = "tvm_cuda_persistent_eval"
@@ -224,7 +225,11 @@ def why_not_static(mod, input, hx) -> Optional[str]:
         return "parameters and input must share one CUDA device and a float32/float16/bfloat16 dtype"
     if torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params)):
         return "gradients are needed (run eval under torch.no_grad() or torch.inference_mode())"
-    if torch.is_autocast_enabled():
+    try:
+        autocast = torch.is_autocast_enabled("cuda")
+    except TypeError:  # pragma: no cover - torch < 2.4
+        autocast = torch.is_autocast_enabled()
+    if autocast:
         return "autocast is on"
     if hx is not None and any(h.dtype != input.dtype for h in hx):
         return "hx dtype differs from the input's (nn.LSTM reports the error)"
@@ -405,9 +410,16 @@ def sparse_persistent_forward(mod, input, hx=None):
             if isinstance(plan, str):
                 why = plan
             else:
-                out = _run(mod, x, hx, kernels, plan)
-                mod.last_eval_backend, mod.last_eval_reason = BACKEND, "sparse persistent kernels"
-                return out
+                try:
+                    out = _run(mod, x, hx, kernels, plan)
+                except BundleError as e:  # a refused launch: never an error, cuDNN runs instead
+                    why = f"persistent kernel launch failed: {e}"
+                    _warn_once(("launch", str(e)), why + "; weight-sparse eval runs on nn.LSTM")
+                    _loaded[(input.device.index if input.device.index is not None
+                             else torch.cuda.current_device(), str(bundle_path()))] = why
+                else:
+                    mod.last_eval_backend, mod.last_eval_reason = BACKEND, "sparse persistent kernels"
+                    return out
     mod.last_eval_backend, mod.last_eval_reason = DENSE, why
     return None
 

@@ -181,3 +181,30 @@ def test_h_wavefronts_model_on_a_constructed_case():
     w2[:, :8] = 1.0  # columns 0..7: 8 different slots, shared by the 2 rows (broadcast)
     _, Wc2 = pe.pack_ell(w2, spec)
     assert pe.h_wavefronts(Wc2, spec) == 2.0
+
+
+def test_refused_launch_falls_back_with_a_warning(monkeypatch):
+    """A driver error at launch (e.g. a cooperative grid that is too large) is never an error:
+    nn.LSTM runs, with one warning, and the device's kernels are marked unusable."""
+    from rnn_sparsify.codegen.errors import BundleError
+
+    m = _pruned(5, 8)
+    x = torch.randn(3, 2, 5)
+
+    class Kernels:
+        entries, arch = [], "sm_90"
+
+    def refuse(*a, **k):
+        raise BundleError("cuLaunchCooperativeKernel(k) failed: CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE")
+
+    monkeypatch.setattr(pe, "why_not_static", lambda *a: None)
+    monkeypatch.setattr(pe, "_kernels_for", lambda dev: Kernels())
+    monkeypatch.setattr(pe, "_plan", lambda *a: {})
+    monkeypatch.setattr(pe, "_run", refuse)
+    monkeypatch.setattr(pe, "_loaded", {})
+    monkeypatch.setattr(pe, "_WARNED", set())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.warns(RuntimeWarning, match="TOO_LARGE"):
+        assert pe.sparse_persistent_forward(m, x) is None
+    assert m.last_eval_backend == "nn.LSTM" and "launch failed" in m.last_eval_reason
+    assert any("launch failed" in v for v in pe._loaded.values())
