@@ -55,7 +55,7 @@ def toolchain_versions() -> dict[str, str]:
     return {"tvm": tvm.__version__, "nvcc": nvcc_version(), "generator": GENERATOR_VERSION}
 
 
-def entry_key(spec: IndexedGemm, arch: str, versions: dict[str, str]) -> str:
+def entry_key(spec, arch: str, versions: dict[str, str]) -> str:
     return content_hash({"spec": spec.to_dict(), "arch": arch, **versions})
 
 
@@ -131,7 +131,64 @@ def build_entry(spec: IndexedGemm, arch: str, folder: Path, versions: dict[str, 
     )
 
 
-def cached_entry(spec: IndexedGemm, arch: str, cache_dir: Path, versions: dict[str, str]) -> tuple[KernelEntry, Path, bool]:
+def build_persistent_entry(spec, arch: str, folder: Path, versions: dict[str, str]) -> KernelEntry:
+    """Generate, compile and describe one sparse persistent eval kernel
+    (:mod:`.persistent_sparse`) into ``folder``; refuses (``UnsupportedGemm``) a grid that
+    cannot be co-resident on ``arch``, from ptxas's register count and the shared memory."""
+    from .persistent_sparse import coresidency_problem, dynamic_smem_bytes, make_kernel
+    from .toolchain import import_tvm
+
+    tvm = import_tvm()
+    _check_arch(arch)
+    target = tvm.target.Target({"kind": "cuda", "arch": arch})
+    mod = tvm.IRModule({spec.name: make_kernel(spec)})
+    lib = tvm.compile(mod, target=target)
+    cu = lib.mod.imports[0].inspect_source("cuda")
+    symbol = f"{spec.name}_kernel"
+    bound, params = kernel_signature(cu, symbol)
+    if bound is not None and bound != spec.threads:
+        raise CodegenError(f"{symbol}: __launch_bounds__({bound}) != {spec.threads} threads of the spec")
+    expect = {n for n, _, _ in spec.params()} | {"Tn"}
+    if {p.name for p in params} != expect:
+        raise CodegenError(f"{symbol}: kernel parameters {[p.name for p in params]} != {sorted(expect)}")
+    smem = dynamic_smem_bytes(mod, target)
+    if smem != spec.smem_bytes():
+        raise CodegenError(f"{symbol}: TVM allocates {smem} B of dynamic shared memory, the spec expects "
+                           f"{spec.smem_bytes()} B")
+    base = f"{spec.name}.{arch}"
+    (folder / f"{base}.cu").write_text(cu)
+    log = _nvcc(["--cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-o", str(folder / f"{base}.cubin"),
+                 str(folder / f"{base}.cu")], f"cubin {symbol} {arch}")
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    if regs is None:
+        raise CodegenError(f"{symbol}: no register count in the ptxas log:\n{log[-1500:]}")
+    why = coresidency_problem(spec, arch, int(regs.group(1)))
+    if why:
+        raise UnsupportedGemm(why)
+    _nvcc(["--ptx", "-O3", f"-arch={arch.replace('sm_', 'compute_')}", "-o", str(folder / f"{base}.ptx"),
+           str(folder / f"{base}.cu")], f"ptx {symbol} {arch}")
+    return KernelEntry(
+        key=entry_key(spec, arch, versions),
+        spec=spec.to_dict(),
+        arch=arch,
+        symbol=symbol,
+        params=tuple(params),
+        grid=(spec.grid, 1, 1),
+        block=(spec.threads, 1, 1),
+        dynamic_smem_bytes=smem,
+        source=f"{base}.cu",
+        cubin=f"{base}.cubin",
+        cubin_sha256=file_hash(folder / f"{base}.cubin"),
+        ptx=f"{base}.ptx",
+        ptx_sha256=file_hash(folder / f"{base}.ptx"),
+        registers=int(regs.group(1)),
+        spill_bytes=int(spill.group(1)) if spill else None,
+        launch="cooperative",
+    )
+
+
+def cached_entry(spec, arch: str, cache_dir: Path, versions: dict[str, str]) -> tuple[KernelEntry, Path, bool]:
     """The cache folder of ``(spec, arch)``, building it on a miss. Returns ``(entry, folder, hit)``."""
     import json
 
@@ -145,7 +202,10 @@ def cached_entry(spec: IndexedGemm, arch: str, cache_dir: Path, versions: dict[s
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
     try:
-        entry = build_entry(spec, arch, tmp, versions)
+        from .persistent_sparse import KIND as PERSISTENT
+
+        build = build_persistent_entry if getattr(spec, "kind", None) == PERSISTENT else build_entry
+        entry = build(spec, arch, tmp, versions)
         (tmp / "entry.json").write_text(json.dumps(entry.to_dict(), indent=1, sort_keys=True))
         folder.parent.mkdir(parents=True, exist_ok=True)
         if folder.exists():
@@ -165,8 +225,12 @@ def compile_specs(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     lstms: Sequence[LSTMSpec] = (),
+    persistent: Sequence = (),
 ) -> Manifest:
-    """Build every ``(spec, arch)`` into the bundle folder ``out_dir`` and write its manifest."""
+    """Build every ``(spec, arch)`` into the bundle folder ``out_dir`` and write its manifest.
+
+    ``persistent``: :class:`~.persistent_sparse.PersistentEvalRequest` s, each built for every
+    arch as a sparse persistent eval kernel (one CTA per SM of the arch's reference part)."""
     from .toolchain import nvcc_path
 
     archs = tuple(_check_arch(a) for a in archs)
@@ -179,6 +243,12 @@ def compile_specs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(s, a) for s in specs for a in archs]
+    if persistent:
+        from .persistent_sparse import spec_for_arch
+
+        for req in dict.fromkeys(persistent):
+            for a in archs:
+                jobs.append((spec_for_arch(req.hidden_size, req.batch, req.nnz, req.dtype, a), a))
     entries, hits = [], 0
     try:
         from tqdm import tqdm
@@ -203,6 +273,11 @@ def compile_specs(
     manifest.save(out)
     compile_specs.last_stats = {"kernels": len(jobs), "cache_hits": hits}
     return manifest
+
+
+def compile_persistent(requests: Sequence, archs: Sequence[str], out_dir, **kw) -> Manifest:
+    """Build only sparse persistent eval kernels (see :func:`compile_specs`'s ``persistent``)."""
+    return compile_specs((), archs, out_dir, persistent=requests, **kw)
 
 
 def compile_lstms(lstms: Sequence[LSTMSpec], archs: Sequence[str], out_dir, **kw) -> Manifest:
@@ -233,6 +308,6 @@ def compile_model(model, batch: int, seq_len: int, archs: Sequence[str], out_dir
 
 
 __all__ = [
-    "ARCHS", "compile_specs", "compile_lstms", "compile_model", "default_cache_dir",
+    "ARCHS", "compile_specs", "compile_lstms", "compile_persistent", "compile_model", "default_cache_dir",
     "kernel_signature", "ToolchainMissing",
 ]

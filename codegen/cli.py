@@ -135,6 +135,65 @@ def compile_cpu(lspecs, out, *, isa: str | None = None, quiet: bool = False, eva
     return folders
 
 
+def density(text: str) -> float:
+    """argparse type: a density in (0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: a density in (0, 1]") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; allowed: a density in (0, 1]")
+    return v
+
+
+def persistent_requests(args: argparse.Namespace, model=None) -> list:
+    """``compile --persistent-eval``: one request per LSTM (the spec, or every ``nn.LSTM`` of
+    ``model`` without ``proj_size``). The non-zero bound per gate row of ``W_hh``: ``--nnz-max``,
+    else from ``--density`` (:func:`~.persistent_sparse.nnz_bound`), else the densest row of
+    the model's (already pruned) ``W_hh``."""
+    from torch import nn
+
+    from .persistent_sparse import PersistentEvalRequest, nnz_bound
+
+    def bound(H, weights=()):
+        if args.nnz_max:
+            return min(args.nnz_max, H)
+        if args.density:
+            return nnz_bound(H, args.density)
+        nz = [int((w != 0).sum(1).max()) for w in weights]
+        if weights and max(nz) < H:
+            return max(nz)
+        raise NothingToBuildError("--persistent-eval needs the non-zero bound of W_hh: give --nnz-max N or "
+                                  "--density D (or a model whose recurrent weights are already pruned)")
+
+    if model is None:
+        H = args.hidden_size
+        return [PersistentEvalRequest(H, args.batch, bound(H), args.dtype or "bfloat16")]
+    out = []
+    for _name, m in model.named_modules():
+        if isinstance(m, nn.LSTM) and not m.proj_size:
+            ws = [getattr(m, n) for n in m._flat_weights_names if n.startswith("weight_hh")]
+            dtype = args.dtype or {"float16": "float16", "bfloat16": "bfloat16"}.get(str(ws[0].dtype)[6:], "float32")
+            out.append(PersistentEvalRequest(m.hidden_size, args.batch, bound(m.hidden_size, ws), dtype))
+    if not out:
+        raise NothingToBuildError(f"--persistent-eval: no nn.LSTM without proj_size in {args.model}")
+    return list(dict.fromkeys(out))
+
+
+def print_persistent(manifest) -> None:
+    """One line per sparse persistent eval kernel of ``manifest``: what was built."""
+    from .persistent_sparse import KIND
+
+    for e in manifest.kernels:
+        if e.spec.get("kind") != KIND:
+            continue
+        s = e.spec
+        print(f"persistent eval kernel {e.arch}: hidden {s['hidden_size']}, batch {s['batch']}, <= {s['nnz']} "
+              f"non-zeros per gate row, {s['dtype']}: {e.grid[0]} CTAs x {e.block[0]} threads, "
+              f"{e.dynamic_smem_bytes} B shared memory, {e.registers} registers, {s['reg_nnz']} non-zeros per thread "
+              f"in registers, {e.launch} launch")
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from .aot import compile_lstms, compile_specs
     from .lstm_spec import LSTMSpec
@@ -170,14 +229,27 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"bundle {args.out}: {len(folders)} CPU kernel libraries (cpu/), load with "
               f"RNN_SPARSIFY_KERNELS={args.out} or rnn_sparsify.kernels.cpu_runtime.use_cpu_bundle()")
         return 0
+    if args.persistent_eval:
+        kw["persistent"] = persistent_requests(args, load_model(args.model).module if args.model else None)
     if args.model:
-        plan, manifest = build_from_model(args.model, args.batch, args.seq_len, args.arch, args.out,
-                                          dtype=args.dtype, structured_dropout=sd, gate_sparsity=gs, **kw)
-        print(plan.table())
+        try:
+            plan, manifest = build_from_model(args.model, args.batch, args.seq_len, args.arch, args.out,
+                                              dtype=args.dtype, structured_dropout=sd, gate_sparsity=gs, **kw)
+            print(plan.table())
+        except NothingToBuildError:
+            if not args.persistent_eval:
+                raise
+            from .aot import compile_persistent
+
+            manifest = compile_persistent(kw.pop("persistent"), args.arch, args.out, **kw)
+    elif sd is None and gs is None and args.persistent_eval:
+        from .aot import compile_persistent
+
+        manifest = compile_persistent(kw.pop("persistent"), args.arch, args.out, **kw)
     else:
         if sd is None and gs is None:
             raise NothingToBuildError("nothing to build: the LSTM spec has no sparsity (every GEMM is dense, "
-                                      "cuBLAS runs it)")
+                                      "cuBLAS runs it); --persistent-eval builds the weight-sparse eval kernels")
         spec = LSTMSpec(
             input_size=args.input_size, hidden_size=args.hidden_size, batch=args.batch,
             seq_len=args.seq_len, num_layers=args.num_layers, bidirectional=args.bidirectional,
@@ -186,6 +258,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         )
         manifest = compile_lstms([spec], args.arch, args.out, **kw)
     stats = getattr(compile_specs, "last_stats", {})
+    print_persistent(manifest)
     print(f"bundle {args.out}: {len(manifest.kernels)} kernels for {', '.join(manifest.archs)} "
           f"({stats.get('cache_hits', 0)} from cache)")
     return 0
@@ -263,6 +336,13 @@ def register(subparsers, parents=()) -> None:
     p.add_argument("--gate", type=gate_spec, help=f"gate-gradient sparsity: {GATE_HELP}")
     p.add_argument("--eval-kernels", action="store_true",
                    help="--target cpu: also the weight-sparse eval() kernels (pruned LSTMs; any sparsity)")
+    p.add_argument("--persistent-eval", action="store_true",
+                   help="--target cuda: also the sparse persistent eval() kernels of weight-sparse LSTMs (one "
+                   "cooperative launch per layer runs all steps; needs --nnz-max or --density, or a pruned --model)")
+    p.add_argument("--nnz-max", type=positive_int, default=None,
+                   help="--persistent-eval: bound on non-zeros per gate row of W_hh (the format's width)")
+    p.add_argument("--density", type=density, default=None,
+                   help="--persistent-eval: W_hh density in (0, 1]; the bound is the mean row count + 5 sigma")
     p.add_argument("--cache-dir", default=None, help="compile cache (default ~/.cache/rnn_sparsify/kernels)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compile, check=_check_compile, subparser=p)
@@ -292,6 +372,10 @@ def _check_compile(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("--input-size needs --hidden-size")
     if args.target == "cuda" and not args.arch:
         parser.error("the following arguments are required with --target cuda: --arch")
+    if args.persistent_eval and args.target != "cuda":
+        parser.error("--persistent-eval builds GPU kernels: use it with --target cuda")
+    if (args.nnz_max or args.density) and not args.persistent_eval:
+        parser.error("--nnz-max/--density describe the --persistent-eval kernels; add --persistent-eval")
     if args.model and (args.hidden_size is not None or args.num_layers != 1 or args.bidirectional):
         parser.error("--hidden-size/--num-layers/--bidirectional describe an LSTM spec; with --model the sizes "
                      "come from the model")

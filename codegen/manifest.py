@@ -66,6 +66,9 @@ class KernelEntry:
     ptx_sha256: str | None = None
     registers: int | None = None
     spill_bytes: int | None = None
+    # "normal" (cuLaunchKernel) or "cooperative" (cuLaunchCooperativeKernel: a persistent
+    # kernel with a grid barrier, whose CTAs must all be resident at once)
+    launch: str = "normal"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

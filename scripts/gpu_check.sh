@@ -5,8 +5,9 @@
 #       builds the test + benchmark kernel bundle  -> bundles/gpu_check/
 #       and the wheels the GPU machine needs       -> .whl/ (rnn_sparsify, cuda-bindings, cuda-pathfinder)
 #   scripts/gpu_check.sh run OUT_DIR    # on the GPU machine (no TVM, no network needed):
-#       installs the carried wheels, runs the gpu-marked tests and the benchmark,
-#       writes pytest.log, bench.md, env.txt and status into OUT_DIR. Runs from a temporary
+#       installs the carried wheels, runs the gpu-marked tests (GEMM kernels, sparse persistent
+#       eval kernels) and the benchmarks, writes pytest.log, bench.md, gpu_sparse_eval.md/.json,
+#       env.txt and status into OUT_DIR. Runs from a temporary
 #       folder, so the checkout's ./rnn_sparsify cannot shadow the installed wheel.
 #   scripts/gpu_check.sh rehearse OUT_DIR   # CPU rehearsal of `run` (CI: tests/test_gpu_check_script.py):
 #       the wheel in a fresh venv, imports + test collection from the run stage's folders.
@@ -40,7 +41,23 @@ tests = [
     LSTMSpec(input_size=64, hidden_size=32, batch=16, seq_len=4, dtype="float16", name="test_fp16",
              structured_dropout={"p_input": 0.25, "p_recurrent": 0.5}),
 ]
-m = compile_lstms(tests + bench_lstm_specs(), archs, out)
+# sparse persistent eval kernels: the GPU tests' shapes (row bound = hidden size: any mask fits)
+from rnn_sparsify.codegen.persistent_sparse import PersistentEvalRequest, nnz_bound
+persistent = [PersistentEvalRequest(40, 4, 40, "float32"), PersistentEvalRequest(72, 8, 72, "bfloat16")]
+m = compile_lstms(tests + bench_lstm_specs(), archs, out, persistent=persistent)
+# ... and the benchmark's (H 2304, 30 %, batch 4, bf16): fits an H100/H200 (sm_90), not an A100
+if "sm_90" in archs:
+    import json, shutil, tempfile
+    from pathlib import Path
+    from rnn_sparsify.codegen.aot import compile_persistent
+    from rnn_sparsify.codegen.manifest import Manifest
+    tmp = Path(tempfile.mkdtemp())
+    mb = compile_persistent([PersistentEvalRequest(2304, 4, nnz_bound(2304, 0.3), "bfloat16")], ["sm_90"], tmp)
+    for e in mb.kernels:
+        for f in (e.source, e.cubin, e.ptx):
+            shutil.copy2(tmp / f, Path(out) / f)
+    m = Manifest(kernels=m.kernels + mb.kernels, archs=m.archs, toolchain=m.toolchain, lstms=m.lstms)
+    m.save(Path(out))
 print(f"{out}: {len(m.kernels)} kernels for {archs}")
 PYEOF
     mkdir -p .whl
@@ -68,16 +85,20 @@ run() {
     # has no codegen/) would shadow the installed wheel (python -m puts the cwd on sys.path).
     OUT_ABS=$(cd "$OUT" && pwd)
     WORK=$(mktemp -d)
-    cp tests/kernels/test_cuda_gpu.py "$WORK/"
+    cp tests/kernels/test_cuda_gpu.py tests/kernels/test_persistent_gpu.py benchmarks/gpu_sparse_eval.py "$WORK/"
     printf '[pytest]\nmarkers =\n    gpu: needs a CUDA GPU\n' > "$WORK/pytest.ini"
     set +e
     (cd "$WORK" && $PY -c "import rnn_sparsify, rnn_sparsify.codegen.lstm_spec, rnn_sparsify.codegen.cli, rnn_sparsify.kernels.cuda_loader; print('rnn_sparsify from', rnn_sparsify.__file__)") > "$OUT_ABS/imports.log" 2>&1
     rc_imports=$?
-    (cd "$WORK" && $PY -m pytest -q -rs -m gpu ${PYTEST_ARGS:-} test_cuda_gpu.py -p no:cacheprovider) > "$OUT_ABS/pytest.log" 2>&1
+    (cd "$WORK" && $PY -m pytest -q -rs -m gpu ${PYTEST_ARGS:-} test_cuda_gpu.py test_persistent_gpu.py -p no:cacheprovider) > "$OUT_ABS/pytest.log" 2>&1
     rc_tests=$?
     if [ -n "${PYTEST_ARGS:-}" ]; then rc_bench=0; else
         (cd "$WORK" && $PY -m rnn_sparsify.codegen.cli bench --bundle "$RNN_SPARSIFY_TEST_BUNDLE" --out "$OUT_ABS/bench.md") > "$OUT_ABS/bench.log" 2>&1
         rc_bench=$?
+        # the sparse persistent eval kernels vs nn.LSTM (H 2304, 30 %, batch 4, bf16, T 35)
+        (cd "$WORK" && $PY gpu_sparse_eval.py --bundle "$RNN_SPARSIFY_TEST_BUNDLE" --json "$OUT_ABS/gpu_sparse_eval.json") > "$OUT_ABS/gpu_sparse_eval.md" 2>&1
+        rc_pbench=$?
+        [ $rc_bench -eq 0 ] && rc_bench=$rc_pbench
     fi
     set -e
     [ $rc_tests -eq 5 ] && [ -n "${PYTEST_ARGS:-}" ] && rc_tests=0  # collection only, all skipped

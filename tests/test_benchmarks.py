@@ -37,3 +37,12 @@ def test_cpu_train_step_benchmark_runs(tmp_path):
     rows = {r["variant"]: r for r in d["rows"]}
     assert rows["SD(0.5, 0.5)"]["backend"] == "tvm_cpu"
     assert rows["nn.LSTM (dropout 0.5)"]["speedup"] == 1.0
+
+
+def test_gpu_sparse_eval_benchmark_skips_cleanly_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: scripts/gpu_check.sh runs this benchmark for real")
+    d = _run("gpu_sparse_eval.py", "--hidden", "24", "--batch", "2", "--seq", "3", tmp_path=tmp_path)
+    assert d["skipped"].startswith("skipped: needs a CUDA GPU") and d["config"]["hidden"] == 24

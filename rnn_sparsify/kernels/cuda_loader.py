@@ -68,13 +68,18 @@ def choose_entries(manifest: Manifest, arch: str, *, allow_ptx_jit: bool = False
 
     Exact-arch cubins; else, with ``allow_ptx_jit``, the newest older-arch PTX of each kernel
     (the driver JIT-compiles it); else :class:`BundleError` naming the archs and the fix.
+    Sparse persistent eval entries are not GEMMs: skipped here (a bundle of only those: none).
     """
-    exact = [e for e in manifest.kernels if e.arch == arch]
+    # the sparse persistent eval kernels are loaded by .persistent_eval, not as GEMMs
+    gemms = [e for e in manifest.kernels if e.spec.get("kind") != "persistent_sparse_eval"]
+    if not gemms:
+        return []
+    exact = [e for e in gemms if e.arch == arch]
     if exact:
         return [(e, False) for e in exact]
     if allow_ptx_jit:
         best: dict[tuple, KernelEntry] = {}
-        for e in manifest.kernels:
+        for e in gemms:
             if e.ptx and _arch_num(e.arch) <= _arch_num(arch):
                 k = problem_key(e.spec)
                 if k not in best or _arch_num(e.arch) > _arch_num(best[k].arch):

@@ -60,3 +60,53 @@ def test_bench_without_gpu_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text("{}")  # the bundle is checked first, then the GPU
     rc = cli.main(["bench", "--bundle", str(tmp_path), "--out", str(tmp_path / "b.md")])
     assert rc == 8 and "GPU" in capsys.readouterr().err
+
+
+@pytest.mark.tvm
+def test_compile_persistent_eval_spec(tvm, nvcc, tmp_path, capsys):
+    from rnn_sparsify.codegen.manifest import Manifest
+    from rnn_sparsify.codegen.persistent_sparse import nnz_bound
+
+    rc = cli.main(["compile", "-q", "-o", str(tmp_path / "b"), "--arch", "sm_80", "--arch", "sm_90",
+                   "--input-size", "16", "--hidden-size", "40", "--batch", "4", "--seq-len", "3",
+                   "--persistent-eval", "--density", "0.3", "--dtype", "bfloat16",
+                   "--cache-dir", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    ents = Manifest.load(tmp_path / "b").kernels
+    assert sorted(e.arch for e in ents) == ["sm_80", "sm_90"] and {e.launch for e in ents} == {"cooperative"}
+    assert {e.spec["nnz"] for e in ents} == {-(-nnz_bound(40, 0.3) // 8) * 8}
+    assert "persistent eval kernel sm_90: hidden 40, batch 4" in out and "cooperative launch" in out
+
+
+@pytest.mark.tvm
+def test_compile_persistent_eval_model_takes_the_pruned_rows(tvm, nvcc, tmp_path, capsys):
+    from rnn_sparsify.codegen.manifest import Manifest
+
+    (tmp_path / "m.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = nn.Sequential(nn.LSTM(12, 24))\n"
+        "    with torch.no_grad():\n"
+        "        w = m[0].weight_hh_l0\n"
+        "        w[:, 5:] = 0  # 5 non-zeros per gate row\n"
+        "    return m\n")
+    rc = cli.main(["compile", "-q", "-o", str(tmp_path / "b"), "--arch", "sm_90", "--model",
+                   f"{tmp_path / 'm.py'}:make", "--batch", "2", "--seq-len", "3", "--persistent-eval",
+                   "--cache-dir", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    (e,) = Manifest.load(tmp_path / "b").kernels
+    assert (e.spec["hidden_size"], e.spec["batch"], e.spec["nnz"], e.spec["dtype"]) == (24, 2, 8, "float32")
+
+
+def test_compile_persistent_eval_option_errors(tmp_path, capsys):
+    base = ["compile", "-o", str(tmp_path / "b"), "--arch", "sm_90", "--input-size", "8", "--hidden-size", "8",
+            "--batch", "2", "--seq-len", "3"]
+    assert cli.main(base + ["--nnz-max", "4"]) == 2
+    assert "add --persistent-eval" in capsys.readouterr().err
+    assert cli.main(base + ["--persistent-eval", "--density", "0"]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
+    assert cli.main(base + ["--persistent-eval"]) == 7  # no bound for an LSTM spec
+    assert "--nnz-max" in capsys.readouterr().err

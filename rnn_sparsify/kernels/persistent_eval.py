@@ -1,0 +1,456 @@
+"""``eval()`` of a weight-sparse ``SparseLSTM`` on CUDA with the sparse persistent kernels.
+
+The GPU counterpart of :mod:`.cpu_sparse_eval`. For each layer and direction: the input
+projection of all steps is one dense GEMM on the masked ``W_ih`` (torch/cuBLAS), then ONE
+launch of the persistent kernel of :mod:`rnn_sparsify.codegen.persistent_sparse` runs the
+whole recurrence with the non-zeros of ``W_hh`` on chip (format packed here, once per weight
+version). Where it does not apply, ``nn.LSTM.forward`` (cuDNN) runs, exactly as before, and
+``module.last_eval_backend`` / ``module.last_eval_reason`` say why:
+
+* the module is on a CUDA device, carries weight-sparsity masks on ``W_hh``, no ``proj_size``,
+  no gradient needed, float32/float16/bfloat16 parameters and input (no autocast), a plain
+  (not packed) sequence;
+* a bundle is in use (:func:`use_bundle` or ``RNN_SPARSIFY_KERNELS``) with an entry for this
+  GPU's arch, the hidden size, the dtype, a batch >= the call's and a non-zero bound >= the
+  densest row of every ``W_hh`` (:func:`choose_entry`);
+* the entry's grid is co-resident on this GPU (occupancy API at load), else a warning and
+  cuDNN; a launch the driver refuses also falls back (with a warning), for good on that device.
+
+Only :func:`pack_ell`, :func:`choose_entry`, :func:`layer_forward` (with any ``launch``
+callable) and the rule (:func:`why_not_static`) are exercised without a GPU (the tests run
+:func:`layer_forward` on the kernel's CPU twin); the driver calls need cuda-bindings and a GPU.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from rnn_sparsify.codegen.errors import BundleError
+from rnn_sparsify.codegen.persistent_sparse import KIND, PersistentSparseSpec
+
+BACKEND = "tvm_cuda_persistent_eval"
+DENSE = "nn.LSTM"
+ENV_VAR = "RNN_SPARSIFY_KERNELS"
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_config: dict = {"path": None}
+_loaded: dict = {}  # (device index, bundle path) -> PersistentKernels | str (why not)
+_WARNED: set = set()
+
+
+# -- format ------------------------------------------------------------------------------
+
+def row_nnz_max(w_hh: Tensor) -> int:
+    """Non-zeros of the densest gate row of ``w_hh`` (4H, H)."""
+    return int((w_hh != 0).sum(1).max()) if w_hh.numel() else 0
+
+
+def h_slots(spec: PersistentSparseSpec) -> Optional[int]:
+    """Shared-memory slots per wavefront of the kernel's load of ``h[col, 0..B)``: one load
+    of ``B * bytes`` (4, 8 or 16) per column, 128 bytes per wavefront -> 32, 16 or 8 slots
+    (column ``k`` is in slot ``k % slots``); None when the load is not one vector."""
+    cb = spec.batch * {"float32": 4, "float16": 2, "bfloat16": 2}[spec.dtype]
+    if spec.batch not in (1, 2, 4) or cb not in (4, 8, 16):
+        return None
+    n = 128 // cb
+    return n if n % spec.split == 0 else None
+
+
+def bank_aware_order(rows: Tensor, cols: Tensor, spec: PersistentSparseSpec) -> Tensor:
+    """A permutation of the non-zeros ``(rows, cols)`` (sorted by row) that keeps each row's
+    entries together and orders them so that the ``split`` entries a row's threads read at the
+    same instruction (positions ``split*j .. split*j + split - 1``) fall in different slots of
+    h, and so do those of the rows sharing a wavefront (``slots / split`` consecutive rows:
+    row ``p`` of them takes slot range ``p`` at even iterations, the next one at odd ones...):
+    entries sorted by (rank within their (row, slot) bucket, rotated slot). Conflict-free while
+    every bucket of the row still has entries; the rest of the row is in slot order."""
+    ns = h_slots(spec)
+    n = rows.numel()
+    if ns is None or n == 0:
+        return torch.arange(n, device=rows.device)
+    S = spec.split
+    slot = cols % ns
+    phase = (rows % spec.rows) % (ns // S)  # position of the row in its wavefront
+    slot_r = (slot + phase * S) % ns
+    group = rows * ns + slot
+    o1 = torch.argsort(group * (spec.hidden_size + 1) + cols)
+    _, counts = torch.unique_consecutive(group[o1], return_counts=True)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    q = torch.empty_like(rows)
+    q[o1] = torch.arange(n, device=rows.device) - starts
+    return torch.argsort((rows * (int(q.max()) + 1) + q) * ns + slot_r)
+
+
+def pack_ell(w_hh: Tensor, spec: PersistentSparseSpec, *, bank_aware: bool = True) -> tuple[Tensor, Tensor]:
+    """``(Wv, Wc)``: ``w_hh`` (4H, H, gate-major like ``nn.LSTM``) in the kernel's format.
+
+    Row ``4*j + g`` holds gate ``g`` of unit ``j`` (rows past ``4H`` are empty); each row's
+    non-zeros in the :func:`bank_aware_order` (``bank_aware=False``: column order), padded to
+    ``spec.nnz`` with ``(col 0, value 0)``. Raises ValueError when a row has more non-zeros
+    than the bound."""
+    H = spec.hidden_size
+    if tuple(w_hh.shape) != (4 * H, H):
+        raise ValueError(f"W_hh must be ({4 * H}, {H}), got {tuple(w_hh.shape)}")
+    w = w_hh.detach().reshape(4, H, H).transpose(0, 1).reshape(4 * H, H)
+    nz = w != 0
+    counts = nz.sum(1)
+    if counts.numel() and int(counts.max()) > spec.nnz:
+        raise ValueError(f"a gate row has {int(counts.max())} non-zeros, the kernel holds at most {spec.nnz}")
+    rows, cols = nz.nonzero(as_tuple=True)  # row-major: columns ascending within a row
+    if bank_aware:
+        perm = bank_aware_order(rows, cols, spec)
+        rows, cols = rows[perm], cols[perm]
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=w.device) - first[rows]
+    idt = getattr(torch, spec.idx_dtype)
+    Wv = torch.zeros(spec.rows_total, spec.nnz, dtype=getattr(torch, spec.dtype), device=w.device)
+    Wc = torch.zeros(spec.rows_total, spec.nnz, dtype=idt, device=w.device)
+    Wv[rows, slot] = w[rows, cols].to(Wv.dtype)
+    Wc[rows, slot] = cols.to(idt)
+    return Wv, Wc
+
+
+def h_wavefronts(Wc: Tensor, spec: PersistentSparseSpec) -> float:
+    """Model of the bank conflicts of the h gather: mean shared-memory wavefronts per warp-wide
+    load of ``h[col]`` over the packed format (lanes in wavefronts of ``slots`` consecutive
+    threads; a wavefront takes as many passes as its most-used slot holds distinct columns).
+    The minimum is ``32 / slots`` (2 for bf16 x 4)."""
+    ns = h_slots(spec)
+    if ns is None:
+        raise ValueError("the h load of this spec is not one vector per column")
+    S, R4 = spec.split, spec.rows
+    c = Wc.long().reshape(spec.grid, R4, spec.nnz // S, S)  # [cta, row, iteration, lane]
+    c = c.permute(0, 2, 1, 3).reshape(spec.grid, spec.nnz // S, -1)  # [cta, iteration, thread]
+    T = c.shape[-1]
+    c = torch.cat([c, c.new_full((*c.shape[:2], (-T) % ns), -1)], -1)  # idle lanes: no load
+    waves = c.reshape(*c.shape[:2], -1, ns)  # [cta, iteration, wavefront, lane]
+    srt = waves.sort(-1).values
+    distinct = torch.ones_like(srt, dtype=torch.bool)
+    distinct[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    distinct &= srt >= 0
+    per_slot = torch.zeros(*srt.shape[:-1], ns, dtype=torch.long)
+    per_slot.scatter_add_(-1, srt.clamp(min=0) % ns, distinct.long())
+    passes = per_slot.max(-1).values.clamp(min=1)  # [cta, iteration, wavefront]
+    per_warp = passes.reshape(*passes.shape[:2], -1, 32 // ns).sum(-1)
+    return float(per_warp.double().mean())
+
+
+def unpack_ell(Wv: Tensor, Wc: Tensor, spec: PersistentSparseSpec) -> Tensor:
+    """The dense (4H, H) gate-major matrix of a packed format (tests, debugging)."""
+    H = spec.hidden_size
+    d = torch.zeros(spec.rows_total, H, dtype=torch.float64, device=Wv.device)
+    d.scatter_add_(1, Wc.long(), Wv.double())
+    return d[:4 * H].reshape(H, 4, H).transpose(0, 1).reshape(4 * H, H)
+
+
+def layer_forward(xg: Tensor, h0: Tensor, c0: Tensor, Wv: Tensor, Wc: Tensor, spec: PersistentSparseSpec,
+                  launch: Callable[..., None]) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer/direction: ``xg`` (T, B, 4H) = x @ W_ih.T + biases, ``h0``/``c0`` (B, H).
+
+    Allocates the kernel's buffers (batch padded to ``spec.batch``), calls
+    ``launch(Xg=, Hs=, Wv=, Wc=, C=, bar=)`` once, returns ``(out (T, B, H), h_T, c_T)`` in
+    ``xg``'s dtype. ``launch`` is the cubin on a GPU, or the CPU twin in the tests."""
+    T, B, H4 = xg.shape
+    H, Bp = spec.hidden_size, spec.batch
+    if H4 != 4 * H or B > Bp:
+        raise ValueError(f"xg must be (T, <= {Bp}, {4 * H}), got {tuple(xg.shape)}")
+    dt, dev = getattr(torch, spec.dtype), xg.device
+    Xg = xg.to(dt)
+    if B < Bp:
+        Xg = torch.cat([Xg, Xg.new_zeros(T, Bp - B, H4)], 1)
+    Xg = Xg.contiguous()
+    Hs = torch.zeros(T + 1, spec.h_len, dtype=dt, device=dev)
+    Hs[0, :H * Bp].view(H, Bp)[:, :B] = h0.t().to(dt)
+    C = torch.zeros(spec.grid * spec.units * Bp, dtype=dt, device=dev)
+    C[:H * Bp].view(H, Bp)[:, :B] = c0.t().to(dt)
+    bar = torch.zeros(1, dtype=torch.int32, device=dev)  # the barrier counter starts at 0 every launch
+    launch(Xg=Xg, Hs=Hs, Wv=Wv, Wc=Wc, C=C, bar=bar)
+    out = Hs[1:, :H * Bp].view(T, H, Bp)[:, :, :B].permute(0, 2, 1)
+    cT = C[:H * Bp].view(H, Bp)[:, :B].t()
+    return out.to(xg.dtype), out[-1].to(xg.dtype), cT.to(xg.dtype)
+
+
+# -- bundle entries ----------------------------------------------------------------------
+
+def persistent_entries(manifest) -> list:
+    return [e for e in manifest.kernels if e.spec.get("kind") == KIND]
+
+
+def choose_entry(entries, arch: str, hidden: int, batch: int, dtype: str, nnz: int):
+    """The entry for one layer: this arch, hidden size and dtype, the smallest batch >= ``batch``,
+    then the smallest non-zero bound >= ``nnz``; None when there is none."""
+    ok = [e for e in entries if e.arch == arch and e.spec["hidden_size"] == hidden and e.spec["dtype"] == dtype
+          and e.spec["batch"] >= batch and e.spec["nnz"] >= nnz]
+    if not ok:
+        return None
+    return min(ok, key=lambda e: (e.spec["batch"], e.spec["nnz"]))
+
+
+def describe_missing(entries, arch: str, hidden: int, batch: int, dtype: str, nnz: int) -> str:
+    have = sorted({(e.arch, e.spec["hidden_size"], e.spec["batch"], e.spec["dtype"], e.spec["nnz"]) for e in entries})
+    return (f"no persistent kernel for {arch}, hidden {hidden}, batch {batch}, {dtype}, >= {nnz} non-zeros per "
+            f"gate row in the bundle (it has {have or 'none'}); build one with `rnn-sparsify compile "
+            f"--persistent-eval --nnz-max {nnz} ...`")
+
+
+# -- the rule ----------------------------------------------------------------------------
+
+def why_not_static(mod, input, hx) -> Optional[str]:
+    """Why the persistent kernels do not apply to this call, before looking at a bundle."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    from .cpu_sparse_eval import _masked
+
+    if getattr(mod, "weight_sparsity", None) is None:
+        return "no weight sparsity"
+    if "hh" not in {m.kind for m in _masked(mod)}:
+        return "W_hh is not masked (the recurrence would stay dense)"
+    if mod.proj_size:
+        return "proj_size > 0 (no projection kernels)"
+    if isinstance(input, PackedSequence):
+        return "PackedSequence input (the persistent kernels take padded sequences)"
+    if not isinstance(input, Tensor):
+        return "unexpected input type (nn.LSTM reports the error)"
+    if input.device.type != "cuda":
+        return f"input on {input.device} (the persistent kernels run on CUDA)"
+    params = [p for p in mod._flat_weights if p is not None]
+    if any(p.device != input.device or p.dtype != input.dtype for p in params) or input.dtype not in _DTYPES:
+        return "parameters and input must share one CUDA device and a float32/float16/bfloat16 dtype"
+    if torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params)):
+        return "gradients are needed (run eval under torch.no_grad() or torch.inference_mode())"
+    try:
+        autocast = torch.is_autocast_enabled("cuda")
+    except TypeError:  # pragma: no cover - torch < 2.4
+        autocast = torch.is_autocast_enabled()
+    if autocast:
+        return "autocast is on"
+    if hx is not None and any(h.dtype != input.dtype for h in hx):
+        return "hx dtype differs from the input's (nn.LSTM reports the error)"
+    if input.dim() != 3 or input.shape[-1] != mod.input_size or input.numel() == 0:
+        return "unexpected input shape (only batched 3-d input; nn.LSTM reports errors)"
+    return None
+
+
+def use_bundle(path) -> None:
+    """Use the persistent kernels of the bundle at ``path`` (None: stop). Defaults to
+    ``$RNN_SPARSIFY_KERNELS``."""
+    _config["path"] = None if path is None else str(path)
+    _loaded.clear()
+
+
+def bundle_path() -> Optional[str]:
+    """This module's bundle, else the GEMM backend's (``cuda_backend.use_bundle``), else
+    ``$RNN_SPARSIFY_KERNELS``."""
+    if _config["path"]:
+        return _config["path"]
+    from . import cuda_backend
+
+    return cuda_backend._config.get("path") or os.environ.get(ENV_VAR) or None
+
+
+def _warn_once(key, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"rnn_sparsify: {msg}", RuntimeWarning, stacklevel=4)
+
+
+class PersistentKernels:
+    """The persistent entries of a bundle loaded on one CUDA device (cuda-bindings, no TVM)."""
+
+    def __init__(self, path, device: torch.device):
+        from rnn_sparsify.codegen.manifest import Manifest, read_verified
+
+        from .cuda_loader import _driver, check, device_arch
+
+        self.path, self.device = Path(path), device
+        self.arch = device_arch(device)
+        self.entries = [e for e in persistent_entries(Manifest.load(self.path)) if e.arch == self.arch]
+        self._fn: dict = {}
+        self._why: dict = {}
+        if not self.entries:
+            return
+        cu = _driver()
+        torch.cuda.init()
+        with torch.cuda.device(device):
+            torch.empty(1, device=device)
+        check(cu.cuInit(0), "cuInit")
+        dev = check(cu.cuDeviceGet(device.index or 0), "cuDeviceGet")
+        check(cu.cuCtxSetCurrent(check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")), "cuCtxSetCurrent")
+        sms = check(cu.cuDeviceGetAttribute(
+            cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute")
+        coop = check(cu.cuDeviceGetAttribute(
+            cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH, dev), "cuDeviceGetAttribute")
+        self._modules = []
+        for e in self.entries:
+            module = check(cu.cuModuleLoadData(read_verified(self.path, e)), f"cuModuleLoadData({e.cubin})")
+            self._modules.append(module)
+            fn = check(cu.cuModuleGetFunction(module, e.symbol.encode()), f"cuModuleGetFunction({e.symbol})")
+            if e.dynamic_smem_bytes > 48 * 1024:
+                check(cu.cuFuncSetAttribute(
+                    fn, cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    e.dynamic_smem_bytes), "cuFuncSetAttribute")
+            per_sm = check(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                fn, e.block[0] * e.block[1] * e.block[2], e.dynamic_smem_bytes), "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+            why = coresidency_text(e, sms, per_sm, bool(coop))
+            if why:
+                self._why[e.key] = why
+            else:
+                self._fn[e.key] = fn
+
+    def function(self, entry):
+        """The driver function of ``entry``, or a str saying why it cannot run here."""
+        return self._fn.get(entry.key) or self._why.get(entry.key, "entry not loaded")
+
+    def launch(self, entry, fn, **bufs) -> None:
+        """``cuLaunchCooperativeKernel`` on torch's current stream (the grid is then guaranteed
+        co-resident, or the driver refuses the launch)."""
+        import numpy as np
+
+        from .cuda_loader import _driver, check
+
+        cu = _driver()
+        holders = []
+        for p in entry.params:
+            if p.pointer:
+                holders.append(np.array([bufs[p.name].data_ptr()], dtype=np.uint64))
+            else:  # the number of steps
+                holders.append(np.array([bufs["Xg"].shape[0]], dtype=np.int32))
+        params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        check(cu.cuLaunchCooperativeKernel(fn, *entry.grid, *entry.block, entry.dynamic_smem_bytes,
+                                           cu.CUstream(stream), params.ctypes.data),
+              f"cuLaunchCooperativeKernel({entry.symbol})")
+        del holders
+
+
+def coresidency_text(entry, sms: int, per_sm: int, cooperative: bool) -> Optional[str]:
+    """Why ``entry`` cannot be launched co-resident on a GPU with ``sms`` SMs where the
+    occupancy API allows ``per_sm`` CTAs per SM (None: it can)."""
+    grid = entry.grid[0] * entry.grid[1] * entry.grid[2]
+    if not cooperative:
+        return "the GPU does not support cooperative launches"
+    if grid > sms * per_sm:
+        return (f"{entry.symbol}: {grid} CTAs are not co-resident on this GPU ({sms} SMs x {per_sm} CTA(s) per SM "
+                "by the occupancy API)")
+    return None
+
+
+def _kernels_for(device: torch.device):
+    """The loaded kernels for ``device``, or a str saying why there are none (cached per
+    device and bundle path)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    path = bundle_path()
+    key = (idx, str(path))
+    if key not in _loaded:
+        if path is None:
+            _loaded[key] = f"no kernel bundle in use (rnn_sparsify.kernels.persistent_eval.use_bundle or ${ENV_VAR})"
+        else:
+            try:
+                _loaded[key] = PersistentKernels(path, torch.device("cuda", idx))
+            except Exception as e:  # noqa: BLE001 - never an error: cuDNN runs instead
+                _loaded[key] = f"bundle {path} not usable on cuda:{idx}: {type(e).__name__}: {e}"
+                _warn_once(("load", path, idx), _loaded[key] + "; weight-sparse eval runs on nn.LSTM")
+            else:
+                if not _loaded[key].entries:
+                    _loaded[key] = (f"bundle {path} has no persistent eval kernel for "
+                                    f"{_loaded[key].arch} (build with `rnn-sparsify compile --persistent-eval`)")
+    return _loaded[key]
+
+
+def _weights_key(mod) -> tuple:
+    ts = [p for p in mod._flat_weights if p is not None]
+    return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in ts)
+
+
+def _plan(mod, kernels, B: int, dtype: str):
+    """Per (layer, direction): (entry, fn, Wv, Wc) — packed once per weight version and batch."""
+    from rnn_sparsify.lstm_function import _layer_params
+
+    key = (_weights_key(mod), B, dtype, id(kernels))
+    cached = _CACHE.get(mod)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    D = 2 if mod.bidirectional else 1
+    plan = {}
+    for layer in range(mod.num_layers):
+        for d in range(D):
+            _, w_hh, _, _, _ = _layer_params(mod, layer, d)
+            nnz = row_nnz_max(w_hh)
+            entry = choose_entry(kernels.entries, kernels.arch, mod.hidden_size, B, dtype, nnz)
+            if entry is None:
+                return describe_missing(kernels.entries, kernels.arch, mod.hidden_size, B, dtype, nnz)
+            fn = kernels.function(entry)
+            if isinstance(fn, str):
+                _warn_once(("cores", entry.key), fn + "; weight-sparse eval runs on nn.LSTM")
+                return fn
+            spec = PersistentSparseSpec.from_dict(entry.spec)
+            plan[layer, d] = (entry, fn, *pack_ell(w_hh, spec), spec)
+    _CACHE[mod] = (key, plan)
+    return plan
+
+
+def sparse_persistent_forward(mod, input, hx=None):
+    """``nn.LSTM.forward`` on the persistent kernels, or None where they do not apply (the
+    caller runs ``nn.LSTM.forward``); records ``mod.last_eval_backend`` / ``last_eval_reason``."""
+    why = why_not_static(mod, input, hx)
+    if why is None:
+        kernels = _kernels_for(input.device)
+        if isinstance(kernels, str):
+            why = kernels
+        else:
+            x = input.transpose(0, 1) if mod.batch_first else input
+            plan = _plan(mod, kernels, x.shape[1], _DTYPES[x.dtype])
+            if isinstance(plan, str):
+                why = plan
+            else:
+                try:
+                    out = _run(mod, x, hx, kernels, plan)
+                except BundleError as e:  # a refused launch: never an error, cuDNN runs instead
+                    why = f"persistent kernel launch failed: {e}"
+                    _warn_once(("launch", str(e)), why + "; weight-sparse eval runs on nn.LSTM")
+                    _loaded[(input.device.index if input.device.index is not None
+                             else torch.cuda.current_device(), str(bundle_path()))] = why
+                else:
+                    mod.last_eval_backend, mod.last_eval_reason = BACKEND, "sparse persistent kernels"
+                    return out
+    mod.last_eval_backend, mod.last_eval_reason = DENSE, why
+    return None
+
+
+def _run(mod, x, hx, kernels, plan):
+    from rnn_sparsify.lstm_function import _layer_params
+
+    T, B, _ = x.shape
+    H, L = mod.hidden_size, mod.num_layers
+    D = 2 if mod.bidirectional else 1
+    zeros = x.new_zeros(L * D, B, H)
+    h0, c0 = hx if hx is not None else (zeros, zeros)
+    hn, cn = torch.empty_like(zeros), torch.empty_like(zeros)
+    layer_in = x
+    for layer in range(L):
+        outs = []
+        for d in range(D):
+            w_ih, _, b_ih, b_hh, _ = _layer_params(mod, layer, d)
+            entry, fn, Wv, Wc, spec = plan[layer, d]
+            xin = layer_in.flip(0) if d else layer_in
+            xg = xin @ w_ih.t()  # the input projection of all steps: one GEMM (masked W_ih)
+            if b_ih is not None:
+                xg = xg + (b_ih + b_hh)
+            out, hT, cT = layer_forward(xg, h0[layer * D + d], c0[layer * D + d], Wv, Wc, spec,
+                                        lambda **bufs: kernels.launch(entry, fn, **bufs))
+            outs.append(out.flip(0) if d else out)
+            hn[layer * D + d], cn[layer * D + d] = hT, cT
+        layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
+    out = layer_in.transpose(0, 1) if mod.batch_first else layer_in
+    return out.contiguous(), (hn, cn)
+
+
+__all__ = ["BACKEND", "bank_aware_order", "choose_entry", "h_slots", "h_wavefronts", "layer_forward", "pack_ell", "row_nnz_max", "sparse_persistent_forward",
+           "unpack_ell", "use_bundle", "why_not_static"]

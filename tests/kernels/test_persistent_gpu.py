@@ -1,0 +1,93 @@
+"""On a GPU, without TVM: the sparse persistent eval kernels of a prebuilt bundle (one
+cooperative launch per layer/direction) against ``nn.LSTM`` on the same masked weights.
+
+The bundle comes from ``RNN_SPARSIFY_TEST_BUNDLE`` (``scripts/gpu_check.sh prepare`` builds its
+persistent entries: hidden 40, batch 4, float32 and hidden 72, batch 8, bfloat16, every row
+bound = the hidden size, so any mask fits).
+"""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("cuda.bindings.driver", reason="needs cuda-bindings (pip install 'rnn-sparsify[gpu]')")
+BUNDLE = os.environ.get("RNN_SPARSIFY_TEST_BUNDLE")
+if not BUNDLE:
+    pytest.skip("set RNN_SPARSIFY_TEST_BUNDLE to a kernel bundle (scripts/gpu_check.sh prepare)", allow_module_level=True)
+
+from rnn_sparsify import SparseLSTM  # noqa: E402
+from rnn_sparsify.kernels import persistent_eval as pe  # noqa: E402
+from rnn_sparsify.weight_sparsity import WeightSparsity, attach_weight_sparsity  # noqa: E402
+
+# (hidden, batch run, dtype, layers, bidirectional, density, atol vs float64 nn.LSTM): fp32
+# accumulation everywhere; bf16 stores h_t and c_T in bf16 (2^-8 relative) and its inputs are
+# rounded to bf16 before the float64 reference sees them
+CASES = [
+    (40, 4, torch.float32, 1, False, 0.3, 5e-5),
+    (40, 3, torch.float32, 2, True, 0.1, 5e-5),   # batch 3 padded to 4; 2 layers x 2 directions
+    (72, 8, torch.bfloat16, 1, False, 0.3, 3e-2),
+    (72, 5, torch.bfloat16, 1, False, 0.5, 3e-2),
+]
+
+
+@pytest.fixture(autouse=True)
+def bundle():
+    pe.use_bundle(BUNDLE)
+    yield
+    pe.use_bundle(None)
+
+
+def _pruned(H, layers, bidirectional, density, dtype, seed):
+    torch.manual_seed(seed)
+    m = SparseLSTM(H // 2, H, layers, bidirectional=bidirectional)
+    attach_weight_sparsity(m, WeightSparsity("dst", total_steps=10, target_sparsity=1 - density,
+                                             weights=("ih", "hh")))
+    with torch.no_grad():
+        for n in m._flat_weights_names:
+            if n.startswith("weight_hh"):
+                getattr(m, n)[7] = 0  # a gate row without non-zeros
+    return m.to("cuda", dtype).eval()
+
+
+@pytest.mark.parametrize("H,B,dtype,layers,bidir,density,atol", CASES)
+def test_persistent_kernel_matches_nn_lstm(H, B, dtype, layers, bidir, density, atol):
+    m = _pruned(H, layers, bidir, density, dtype, seed=H + B)
+    x = torch.randn(9, B, H // 2, device="cuda", dtype=dtype)
+    D = 2 if bidir else 1
+    h0 = torch.randn(layers * D, B, H, device="cuda", dtype=dtype) * 0.5
+    c0 = torch.randn(layers * D, B, H, device="cuda", dtype=dtype)
+    with torch.inference_mode():
+        out, (hn, cn) = m(x, (h0, c0))
+    assert m.last_path == "persistent_eval", m.last_eval_reason
+    ref_m = nn.LSTM(H // 2, H, layers, bidirectional=bidir).double().cuda()
+    ref_m.load_state_dict({k: v.double() for k, v in m.state_dict().items() if not k.endswith("_mask")})
+    with torch.no_grad():
+        ref, (rh, rc) = ref_m(x.double(), (h0.double(), c0.double()))
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=atol)
+    torch.testing.assert_close(hn.double(), rh, rtol=0, atol=atol)
+    torch.testing.assert_close(cn.double(), rc, rtol=0, atol=4 * atol)
+    # and the same module through cuDNN (the fallback path) agrees too
+    with torch.inference_mode():
+        dense_out = nn.LSTM.forward(m, x, (h0, c0))[0]
+    torch.testing.assert_close(out.double(), dense_out.double(), rtol=0, atol=2 * atol)
+
+
+def test_repeated_launches_reset_the_barrier():
+    m = _pruned(40, 1, False, 0.3, torch.float32, seed=1)
+    x = torch.randn(6, 4, 20, device="cuda")
+    with torch.inference_mode():
+        a = m(x)[0]
+        b = m(x)[0]
+    assert m.last_path == "persistent_eval" and torch.equal(a, b)
+
+
+def test_no_matching_entry_falls_back_with_the_reason():
+    m = _pruned(48, 1, False, 0.3, torch.float32, seed=2)  # no hidden-48 kernel in the bundle
+    with torch.inference_mode():
+        m(torch.randn(4, 4, 24, device="cuda"))
+    assert m.last_path == "dense" and "no persistent kernel" in m.last_eval_reason
