@@ -83,15 +83,25 @@ def gemm_rows(backend, B: int, H: int, T: int, dtype, reps: int) -> list[dict]:
         ("fwd_recurrent, one step (B x 4H x H)", lambda: backend.fwd_recurrent(x[0], w, idx[0], 2.0),
          lambda: x[0] @ w.t(), lambda: REFERENCE.fwd_recurrent(x[0], w, idx[0], 2.0)),
     ]
+    from rnn_sparsify.kernels.cuda_backend import masked_dense_wgrad
+
+    # the wgrad the training path takes by default (cuda_backend.WGRAD_STRATEGIES), next to the kernel
+    cases.insert(3, ("wgrad masked dense GEMM (4H x H x T*B)", lambda: masked_dense_wgrad(g, None, x, idx, dw, 2.0),
+                     cases[2][2], cases[2][3]))
     rows = []
-    for name, kern, dense, gather in cases:
-        method = name.split()[0]
-        before = backend.paths[method]["kernel"]
-        tk = _time(kern, reps)
-        on_kernel = backend.paths[method]["kernel"] > before
-        td, tg = _time(dense, reps), _time(gather, reps)
-        rows.append({"config": f"B={B} H={H} T={T}", "gemm": name, "kernel_ms": tk, "dense_ms": td,
-                     "gather_ms": tg, "speedup": td / tk, "path": "kernel" if on_kernel else "reference"})
+    saved, backend.wgrad_strategy = backend.wgrad_strategy, "kernel"  # time the generated kernel itself
+    try:
+        for name, kern, dense, gather in cases:
+            method = name.split()[0]
+            before = backend.paths[method]["kernel"]
+            tk = _time(kern, reps)
+            on_kernel = backend.paths[method]["kernel"] > before
+            td, tg = _time(dense, reps), _time(gather, reps)
+            path = "masked dense" if "masked dense" in name else ("kernel" if on_kernel else "reference")
+            rows.append({"config": f"B={B} H={H} T={T}", "gemm": name, "kernel_ms": tk, "dense_ms": td,
+                         "gather_ms": tg, "speedup": td / tk, "path": path})
+    finally:
+        backend.wgrad_strategy = saved
     return rows
 
 

@@ -39,6 +39,39 @@ RULE_NAME = "tvm_cuda"
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
+# Sequence weight gradients with per-step masks: "masked_dense" (default) runs one dense GEMM
+# over all T*B rows of the masked operands; "kernel" runs the generated per-step WgradT kernel
+# and scatters its T products into dW. By the traffic model in docs/codegen.md ("Known limits")
+# the scatter moves T times the output of the dense GEMM (141 MB per call at 2x650/B20), so the
+# dense GEMM on masked operands is expected to be faster at batch 20-64 until the GPU run
+# measures both (``codegen.bench`` times each; set the variable to compare).
+WGRAD_ENV_VAR = "RNN_SPARSIFY_CUDA_WGRAD"
+WGRAD_STRATEGIES = ("masked_dense", "kernel")
+
+
+def masked_dense_wgrad(g: Tensor, g_cols: Tensor | None, x: Tensor, x_idx: Tensor | None, out: Tensor,
+                       alpha: float = 1.0) -> None:
+    """``ReferenceBackend.wgrad`` as one dense GEMM: for every t,
+    ``out[g_cols[t]][:, x_idx[t]] += alpha * g[t].T @ x[t][:, x_idx[t]]`` equals
+    ``out += alpha * sum_t G_t.T @ X_t`` with ``G_t`` = ``g[t]`` scattered into its kept columns of
+    a zero ``(B, N)`` and ``X_t`` = ``x[t]`` with the dropped columns zeroed (a zero row or
+    column adds nothing). Kept indices must be distinct within a step (they are: kept sets).
+    The GEMM runs in ``out``'s dtype (fp32 accumulation like the kernels)."""
+    T, B, kc = g.shape
+    N, K = out.shape
+    if g_cols is not None:
+        cols = g_cols.expand(T, -1) if g_cols.dim() == 1 else g_cols
+        gd = g.new_zeros(T, B, N).scatter_(2, cols[:, None, :].expand(T, B, kc), g)
+    else:
+        gd = g
+    if x_idx is not None:
+        idx = (x_idx.expand(T, -1) if x_idx.dim() == 1 else x_idx)[:, None, :].expand(T, B, -1)
+        xd = x.new_zeros(T, B, K).scatter_(2, idx, x.gather(2, idx))
+    else:
+        xd = x
+    out.addmm_(gd.reshape(T * B, N).t().to(out.dtype), xd.reshape(T * B, K).to(out.dtype), alpha=alpha)
+
+
 def block_offsets(idx: Tensor, P: int) -> Tensor:
     """Kept element indices in runs of ``P`` starting at multiples of ``P`` -> block numbers:
     ``(..., k) -> (..., k / P)``. The run structure is the caller's contract (coarse gate
@@ -52,9 +85,12 @@ class CudaKernelBackend(ReferenceBackend):
 
     name = "tvm_cuda"
 
-    def __init__(self, bundle):
+    def __init__(self, bundle, *, wgrad_strategy: str | None = None):
         self.bundle = bundle  # a cuda_loader.LoadedBundle
         self.paths: dict[str, Counter] = defaultdict(Counter)
+        self.wgrad_strategy = wgrad_strategy or os.environ.get(WGRAD_ENV_VAR, "masked_dense")
+        if self.wgrad_strategy not in WGRAD_STRATEGIES:
+            raise ValueError(f"{WGRAD_ENV_VAR}={self.wgrad_strategy!r}: expected one of {', '.join(WGRAD_STRATEGIES)}")
 
     # -- lookup / bookkeeping ----------------------------------------------------------
     def _kernel(self, method: str, make_spec, tensors: tuple[Tensor, ...]):
@@ -179,6 +215,9 @@ class CudaKernelBackend(ReferenceBackend):
         if (g_cols is None and x_idx is None) or g.dim() != 3 or x.dim() != 3:
             self.paths["wgrad"]["reference: dense or unsupported rank"] += 1
             return ref(g, g_cols, x, x_idx, out, alpha, block)
+        if self.wgrad_strategy == "masked_dense":
+            self.paths["wgrad"]["masked dense GEMM"] += 1
+            return masked_dense_wgrad(g, g_cols, x, x_idx, out, alpha)
         T, B, kc = g.shape
         K = x.shape[2]
         k = None if x_idx is None else x_idx.shape[-1]

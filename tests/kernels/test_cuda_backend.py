@@ -27,7 +27,7 @@ def backend(tvm):
         WgradT(T=T, B=B, kc=24, K=I, k=9, dtype="float16"),
         WgradT(T=T, B=B, kc=4 * H, K=H, k=5, dtype="float16"),
     ]
-    return CudaKernelBackend(EmulatedBundle(tvm, specs))
+    return CudaKernelBackend(EmulatedBundle(tvm, specs), wgrad_strategy="kernel")
 
 
 def _kept(n, k, steps=T):
@@ -90,3 +90,46 @@ def test_missing_kernel_falls_back_and_says_why(backend):
     torch.testing.assert_close(dense, REFERENCE.fwd_input(x, w, None))
     assert backend.paths["fwd_input"]["reference: dense or unsupported rank"] >= 1
     assert backend.summary()["fwd_input"]["kernel"] >= 1
+
+
+@pytest.mark.parametrize("g_sparse,x_sparse", [(True, True), (False, True), (True, False)])
+def test_masked_dense_wgrad_equals_the_reference_in_float64(g_sparse, x_sparse):
+    from rnn_sparsify.kernels.cuda_backend import masked_dense_wgrad
+
+    g = torch.randn(T, B, 24 if g_sparse else 4 * H, dtype=torch.float64)
+    cols = _kept(4 * H, 24) if g_sparse else None
+    x, idx = torch.randn(T, B, I, dtype=torch.float64), (_kept(I, 9) if x_sparse else None)
+    out = torch.randn(4 * H, I, dtype=torch.float64)
+    expect = out.clone()
+    REFERENCE.wgrad(g, cols, x, idx, expect, 0.7)
+    masked_dense_wgrad(g, cols, x, idx, out, 0.7)
+    torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+    # a 1-D kept set (the same for every step) too
+    if x_sparse:
+        out, expect = torch.zeros(4 * H, I, dtype=torch.float64), torch.zeros(4 * H, I, dtype=torch.float64)
+        REFERENCE.wgrad(g, cols, x, idx[0].expand(T, -1), expect)  # the reference takes (T, k)
+        masked_dense_wgrad(g, cols, x, idx[0], out)
+        torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_default_wgrad_strategy_is_the_masked_dense_gemm_and_env_chooses(tvm, monkeypatch):
+    from rnn_sparsify.kernels.cuda_backend import WGRAD_ENV_VAR, CudaKernelBackend
+
+    from ._emulated_bundle import EmulatedBundle
+
+    bundle = EmulatedBundle(tvm, [WgradT(T=T, B=B, kc=24, K=I, k=9, dtype="float16")])
+    be = CudaKernelBackend(bundle)
+    G, x, cols, idx = _r(T, B, 24), _r(T, B, I), _kept(4 * H, 24), _kept(I, 9)
+    out, expect = torch.zeros(4 * H, I), torch.zeros(4 * H, I)
+    before = bundle.launches
+    be.wgrad(G, cols, x, idx, out, 1.5)
+    REFERENCE.wgrad(G.float(), cols, x.float(), idx, expect, 1.5)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    assert bundle.launches == before and be.paths["wgrad"]["masked dense GEMM"] == 1
+    monkeypatch.setenv(WGRAD_ENV_VAR, "kernel")
+    be = CudaKernelBackend(bundle)
+    be.wgrad(G, cols, x, idx, torch.zeros(4 * H, I), 1.5)
+    assert bundle.launches == before + 1 and be.paths["wgrad"]["kernel"] == 1
+    monkeypatch.setenv(WGRAD_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="masked_dense, kernel"):
+        CudaKernelBackend(bundle)

@@ -23,7 +23,7 @@ def _emulated(tvm, specs):
 
     from ._emulated_bundle import EmulatedBundle
 
-    return CudaKernelBackend(EmulatedBundle(tvm, specs))
+    return CudaKernelBackend(EmulatedBundle(tvm, specs), wgrad_strategy="kernel")  # the kernels, not the masked dense GEMM
 
 
 def _slices(n_slices, kept, steps):
