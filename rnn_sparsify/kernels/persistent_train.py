@@ -1,0 +1,155 @@
+"""Host side of the persistent training loops (``codegen/persistent_train.py``, issue 9 item 2):
+weight layouts, buffer set-up and the split of work between the kernels and torch.
+
+Pure torch (no TVM): ``launch`` is the cubin on a GPU (not wired into a backend yet) or the
+CPU twin in the tests. Per layer/direction:
+
+* ``Xg = x @ W_ih[:, kept]^T * a_in + b`` for all steps (outside, one GEMM);
+* :func:`layer_forward`: one launch of the forward kernel -> ``y, h_T, c_T`` and the saved
+  activations / cell states;
+* :func:`layer_backward`: one launch of the backward-data kernel -> ``dNet`` of every step
+  (selected), ``dh_0``, ``dc_0``; the weight gradients are one GEMM each afterwards
+  (:func:`weight_grads`), ``dx = dNet @ W_ih`` likewise.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def pack_fwd_weights(w_hh: Tensor, spec) -> Tensor:
+    """``W_hh`` (4H, H) -> ``(grid * 4U, H)`` rows interleaved by unit (row ``4u + g`` = gate
+    ``g`` of unit ``u``), padding units zero, in the kernel dtype."""
+    H, U = spec.hidden_size, spec.units
+    out = torch.zeros(spec.slots, 4, H, dtype=getattr(torch, spec.dtype), device=w_hh.device)
+    out[:H] = w_hh.reshape(4, H, H).transpose(0, 1)
+    return out.reshape(spec.slots * 4, H).contiguous()
+
+
+def pack_bwd_weights(w_hh: Tensor, spec) -> Tensor:
+    """``W_hh`` (4H, H) -> ``W_hh^T`` padded to ``(grid * U, 4H)`` (row ``j`` = column ``j``)."""
+    H = spec.hidden_size
+    out = torch.zeros(spec.slots, 4 * H, dtype=getattr(torch, spec.dtype), device=w_hh.device)
+    out[:H] = w_hh.t()
+    return out.contiguous()
+
+
+def pad_idx(idx: Tensor | None, T: int, spec, device) -> Tensor:
+    """Kept units ``(T, k)`` -> int32 ``(T, spec.keep)`` padded with ``H``; None: all units."""
+    H, K = spec.hidden_size, spec.keep
+    if idx is None:
+        idx = torch.arange(H, device=device).expand(T, H)
+    if idx.shape[1] > K:
+        raise ValueError(f"{idx.shape[1]} kept units per step > the kernel's {K}")
+    out = torch.full((T, K), H, dtype=torch.int32, device=device)
+    out[:, :idx.shape[1]] = idx.to(torch.int32)
+    return out
+
+
+def _unit_major(v: Tensor, spec) -> Tensor:
+    """(..., B, H) -> (..., slots * Bp) float32, ``[j*Bp + b]``, zero padding."""
+    H, Bp = spec.hidden_size, spec.batch
+    lead = v.shape[:-2]
+    out = torch.zeros(*lead, spec.slots, Bp, dtype=torch.float32, device=v.device)
+    out[..., :H, :v.shape[-2]] = v.transpose(-1, -2).float()
+    return out.reshape(*lead, spec.slots * Bp)
+
+
+def _from_unit_major(v: Tensor, spec, B: int) -> Tensor:
+    """Inverse of :func:`_unit_major` (first ``H * Bp`` values) -> (..., B, H)."""
+    H, Bp = spec.hidden_size, spec.batch
+    lead = v.shape[:-1]
+    return v[..., :H * Bp].reshape(*lead, H, Bp)[..., :B].transpose(-1, -2)
+
+
+def layer_forward(xg: Tensor, h0: Tensor, c0: Tensor, idx: Tensor | None, scale: float, w_fwd: Tensor, spec,
+                  launch: Callable[..., None]):
+    """``xg`` (T, B, 4H), ``h0``/``c0`` (B, H), ``idx`` (T, k) kept units of h_{t-1} or None,
+    ``scale`` = H / k. Returns ``(y (T, B, H), h_T, c_T, saved)``; ``saved`` holds the kernel
+    buffers the backward needs (``Ac``, ``Cs``, ``Hs``, ``idx``)."""
+    T, B, H4 = xg.shape
+    H, Bp = spec.hidden_size, spec.batch
+    if H4 != 4 * H or B > Bp:
+        raise ValueError(f"xg must be (T, <= {Bp}, {4 * H}), got {tuple(xg.shape)}")
+    dt, dev = getattr(torch, spec.dtype), xg.device
+    Xg = torch.zeros(T, Bp, H4, dtype=dt, device=dev)
+    Xg[:, :B] = xg
+    Hs = torch.zeros(T + 1, spec.h_len, dtype=dt, device=dev)
+    Hs[0, :spec.slots * Bp] = _unit_major(h0, spec).to(dt)
+    Cs = torch.zeros(T + 1, spec.slots * Bp, dtype=torch.float32, device=dev)
+    Cs[0] = _unit_major(c0, spec)
+    Ac = torch.zeros(T, 4 * spec.slots * Bp, dtype=torch.float32, device=dev)
+    ix = pad_idx(idx, T, spec, dev)
+    bar = torch.zeros(1, dtype=torch.int32, device=dev)  # the barrier counter starts at 0 every launch
+    launch(Xg=Xg, idx=ix, W=w_fwd, Hs=Hs, Cs=Cs, Ac=Ac, bar=bar, a=float(scale))
+    y = _from_unit_major(Hs[1:], spec, B)
+    cT = _from_unit_major(Cs[T], spec, B)
+    return y, y[-1], cT, {"Ac": Ac, "Cs": Cs, "Hs": Hs, "idx": ix, "scale": float(scale), "B": B}
+
+
+def gates(saved: dict, spec) -> Tensor:
+    """The activations i, f, g, o of every step as (T, B, 4H) (gate-major, like nn.LSTM)."""
+    Ac, B = saved["Ac"], saved["B"]
+    H, Bp = spec.hidden_size, spec.batch
+    T = Ac.shape[0]
+    a = Ac.reshape(T, spec.slots, 4, Bp)[:, :H, :, :B]  # (T, H, 4, B)
+    return a.permute(0, 3, 2, 1).reshape(T, B, 4 * H)
+
+
+def cells(saved: dict, spec) -> Tensor:
+    """c_t of every step (T, B, H)."""
+    return _from_unit_major(saved["Cs"][1:], spec, saved["B"])
+
+
+def layer_backward(saved: dict, dy: Tensor, dh_T: Tensor, dc_T: Tensor, w_bwd: Tensor, spec,
+                   launch: Callable[..., None]):
+    """``dy`` (T, B, H) gradient of the outputs, ``dh_T``/``dc_T`` (B, H). Returns ``(dnet (T, B,
+    4H) selected, dh_0, dc_0, kept)``; ``kept`` (T, 4H/P) int32 slice flags with coarse
+    selection, else None."""
+    T, B, _ = dy.shape
+    H, Bp = spec.hidden_size, spec.batch
+    dt, dev = getattr(torch, spec.dtype), dy.device
+    dY = _unit_major(dy, spec).contiguous()
+    DH = _unit_major(dh_T, spec).contiguous()
+    DC = _unit_major(dc_T, spec).contiguous()
+    Dn = torch.zeros(T, 4 * H * Bp, dtype=dt, device=dev)
+    bar = torch.zeros(1, dtype=torch.int32, device=dev)
+    ns = max(spec.n_slices, 1)
+    Sq = torch.zeros(T, 4 * H, dtype=torch.float32, device=dev)
+    Kp = torch.zeros(T, ns, dtype=torch.int32, device=dev)
+    launch(dY=dY, Ac=saved["Ac"], Cs=saved["Cs"], idx=saved["idx"], Wb=w_bwd, DH=DH, DC=DC, Dn=Dn, bar=bar,
+           Sq=Sq, Kp=Kp, a=saved["scale"])
+    dnet = Dn.reshape(T, 4 * H, Bp)[:, :, :B].transpose(1, 2)
+    return dnet, _from_unit_major(DH, spec, B), _from_unit_major(DC, spec, B), (Kp if spec.coarse else None)
+
+
+def weight_grads(dnet: Tensor, x: Tensor, in_idx: Tensor | None, in_scale: float, hprev: Tensor,
+                 rec_idx: Tensor | None, rec_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``dW_ih, dW_hh, db`` as one GEMM each over all ``T*B`` rows of the masked, scaled GEMM
+    inputs (the dropped units are zero columns, which give zero gradient columns)."""
+    def masked(v, idx, a):
+        if idx is None:
+            return v
+        m = torch.zeros(v.shape[0], v.shape[-1], dtype=v.dtype, device=v.device)
+        m.scatter_(1, idx.long(), a)
+        return v * m[:, None, :]
+
+    T, B, H4 = dnet.shape
+    d = dnet.reshape(T * B, H4)
+    xm = masked(x, in_idx, in_scale).reshape(T * B, -1)
+    hm = masked(hprev, rec_idx, rec_scale).reshape(T * B, -1)
+    return d.t() @ xm, d.t() @ hm, d.sum(0)
+
+
+def twin_launcher(fn, spec) -> Callable[..., None]:
+    """``launch`` for the CPU twin ``fn`` (the kernel's buffers by name)."""
+    if spec.part == "fwd":
+        return lambda **b: fn(b["Xg"], b["idx"], b["W"], b["Hs"], b["Cs"], b["Ac"], b["bar"], b["a"])
+    return lambda **b: fn(b["dY"], b["Ac"], b["Cs"], b["idx"], b["Wb"], b["DH"], b["DC"], b["Dn"], b["bar"],
+                          b["Sq"], b["Kp"], b["a"])
+
+
+__all__ = ["cells", "gates", "layer_backward", "layer_forward", "pack_bwd_weights", "pack_fwd_weights", "pad_idx",
+           "twin_launcher", "weight_grads"]
