@@ -136,6 +136,8 @@ class PersistentTrainSpec:
         return cls(part, hidden_size, batch, keep, dtype, grid, split, tuple(coarse))
 
     # -- derived sizes -------------------------------------------------------------------
+    scalars = ("a",)  # scalar kernel parameters besides Tn (the dropout scale)
+
     @property
     def kind(self) -> str:
         return KIND_FWD if self.part == "fwd" else KIND_BWD
@@ -608,11 +610,13 @@ def _make_bwd(spec: PersistentTrainSpec, twin: bool):
                 e = T.alloc_buffer((8,), f32, scope="local")
                 rk = T.alloc_buffer((2,), "int32", scope="local")
                 seen = T.alloc_buffer((1,), "int32", scope="local")
+                tl = T.alloc_buffer((1,), "int32", scope="local")
                 load_w(Wb, bx, tx, wb_s)
                 for tt in range(Tn):
-                    elem(dY, Ac, Cs, DH, DC, Dn, bx, tx, Tn - 1 - tt, mem_s, dl_s, e)
+                    tl[0] = Tn - 1 - tt  # (a register: Tn-dependent index math must not become a kernel argument)
+                    elem(dY, Ac, Cs, DH, DC, Dn, bx, tx, tl[0], mem_s, dl_s, e)
                     T.tvm_storage_sync("shared")
-                    norms(Sq, bx, tx, Tn - 1 - tt, dl_s, e)
+                    norms(Sq, bx, tx, tl[0], dl_s, e)
                     # grid barrier: dNet_t and its column norms from every CTA
                     T.tvm_storage_sync("shared")
                     if tx == 0:
@@ -620,13 +624,13 @@ def _make_bwd(spec: PersistentTrainSpec, twin: bool):
                         T.evaluate(T.cuda.atomic_add(T.address_of(bar[0]), 1))
                         T.evaluate(T.cuda.wait_until(seen, T.address_of(bar[0]), seen[0] >= (tt + 1) * G))
                     T.tvm_storage_sync("shared")
-                    members(idx, bx, tx, Tn - 1 - tt, mem_s)
-                    scores(Sq, tx, Tn - 1 - tt, sc_s, e)
+                    members(idx, bx, tx, tl[0], mem_s)
+                    scores(Sq, tx, tl[0], sc_s, e)
                     T.tvm_storage_sync("shared")
-                    select(Kp, bx, tx, Tn - 1 - tt, sc_s, kp_s, rk)
+                    select(Kp, bx, tx, tl[0], sc_s, kp_s, rk)
                     T.tvm_storage_sync("shared")
-                    zero_dropped(Dn, bx, tx, Tn - 1 - tt, kp_s, rk)
-                    dot(Dn, Tn - 1 - tt, tx, wb_s, mem_s, kp_s, part_s, acc, rk)
+                    zero_dropped(Dn, bx, tx, tl[0], kp_s, rk)
+                    dot(Dn, tl[0], tx, wb_s, mem_s, kp_s, part_s, acc, rk)
                     T.tvm_storage_sync("shared")
                     reduce(DH, bx, tx, a, mem_s, part_s, e, rk)
                     T.tvm_storage_sync("shared")
@@ -656,9 +660,11 @@ def _make_bwd(spec: PersistentTrainSpec, twin: bool):
             e = T.alloc_buffer((8,), f32, scope="local")
             rk = T.alloc_buffer((2,), "int32", scope="local")
             seen = T.alloc_buffer((1,), "int32", scope="local")
+            tl = T.alloc_buffer((1,), "int32", scope="local")
             load_w(Wb, bx, tx, wb_s)
             for tt in range(Tn):
-                elem(dY, Ac, Cs, DH, DC, Dn, bx, tx, Tn - 1 - tt, mem_s, part_s, e)
+                tl[0] = Tn - 1 - tt
+                elem(dY, Ac, Cs, DH, DC, Dn, bx, tx, tl[0], mem_s, part_s, e)
                 # grid barrier: dNet_t from every CTA
                 T.tvm_storage_sync("shared")
                 if tx == 0:
@@ -666,9 +672,9 @@ def _make_bwd(spec: PersistentTrainSpec, twin: bool):
                     T.evaluate(T.cuda.atomic_add(T.address_of(bar[0]), 1))
                     T.evaluate(T.cuda.wait_until(seen, T.address_of(bar[0]), seen[0] >= (tt + 1) * G))
                 T.tvm_storage_sync("shared")
-                members(idx, bx, tx, Tn - 1 - tt, mem_s)
+                members(idx, bx, tx, tl[0], mem_s)
                 T.tvm_storage_sync("shared")
-                dot(Dn, Tn - 1 - tt, tx, wb_s, mem_s, mem_s, part_s, acc, rk)
+                dot(Dn, tl[0], tx, wb_s, mem_s, mem_s, part_s, acc, rk)
                 T.tvm_storage_sync("shared")
                 reduce(DH, bx, tx, a, mem_s, part_s, e, rk)
                 T.tvm_storage_sync("shared")
