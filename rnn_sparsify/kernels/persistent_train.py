@@ -151,5 +151,84 @@ def twin_launcher(fn, spec) -> Callable[..., None]:
                           b["Sq"], b["Kp"], b["a"])
 
 
-__all__ = ["cells", "gates", "layer_backward", "layer_forward", "pack_bwd_weights", "pack_fwd_weights", "pad_idx",
+class TrainKernels:
+    """The persistent training entries of a bundle loaded on one CUDA device (cuda-bindings,
+    no TVM): ``launcher(entry)`` gives the ``launch`` of :func:`layer_forward` /
+    :func:`layer_backward` (``cuLaunchCooperativeKernel`` on torch's current stream, like
+    :class:`~rnn_sparsify.kernels.persistent_eval.PersistentKernels`). Not yet used by a
+    backend: the GPU test launches through it."""
+
+    def __init__(self, path, device: torch.device):
+        from pathlib import Path
+
+        from rnn_sparsify.codegen.manifest import Manifest, read_verified
+
+        from .cuda_loader import _driver, check, device_arch
+        from .persistent_eval import coresidency_text
+
+        self.path, self.device = Path(path), device
+        arch = device_arch(device)
+        kinds = ("persistent_train_fwd", "persistent_train_bwd")
+        self.entries = [e for e in Manifest.load(self.path).kernels if e.spec.get("kind") in kinds and e.arch == arch]
+        self._fn: dict = {}
+        self.why: dict = {}
+        cu = _driver()
+        torch.cuda.init()
+        with torch.cuda.device(device):
+            torch.empty(1, device=device)
+        check(cu.cuInit(0), "cuInit")
+        dev = check(cu.cuDeviceGet(device.index or 0), "cuDeviceGet")
+        check(cu.cuCtxSetCurrent(check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")), "cuCtxSetCurrent")
+        sms = check(cu.cuDeviceGetAttribute(
+            cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute")
+        coop = check(cu.cuDeviceGetAttribute(
+            cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH, dev), "cuDeviceGetAttribute")
+        self._modules = []
+        for e in self.entries:
+            module = check(cu.cuModuleLoadData(read_verified(self.path, e)), f"cuModuleLoadData({e.cubin})")
+            self._modules.append(module)
+            fn = check(cu.cuModuleGetFunction(module, e.symbol.encode()), f"cuModuleGetFunction({e.symbol})")
+            if e.dynamic_smem_bytes > 48 * 1024:
+                check(cu.cuFuncSetAttribute(
+                    fn, cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    e.dynamic_smem_bytes), "cuFuncSetAttribute")
+            per_sm = check(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                fn, e.block[0] * e.block[1] * e.block[2], e.dynamic_smem_bytes),
+                "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+            why = coresidency_text(e, sms, per_sm, bool(coop))
+            if why:
+                self.why[e.key] = why
+            else:
+                self._fn[e.key] = fn
+
+    def launcher(self, entry) -> Callable[..., None]:
+        import numpy as np
+
+        from .cuda_loader import _driver, check
+
+        if entry.key not in self._fn:
+            raise RuntimeError(self.why.get(entry.key, f"{entry.symbol}: not loaded"))
+        fn, cu = self._fn[entry.key], _driver()
+
+        def launch(**bufs):
+            holders = []
+            for p in entry.params:
+                if p.pointer:
+                    holders.append(np.array([bufs[p.name].data_ptr()], dtype=np.uint64))
+                elif p.name == "Tn":  # the number of steps
+                    holders.append(np.array([bufs["idx"].shape[0]], dtype=np.int32))
+                else:  # the dropout scale a
+                    holders.append(np.array([bufs[p.name]], dtype=np.float32))
+            params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            check(cu.cuLaunchCooperativeKernel(fn, *entry.grid, *entry.block, entry.dynamic_smem_bytes,
+                                               cu.CUstream(stream), params.ctypes.data),
+                  f"cuLaunchCooperativeKernel({entry.symbol})")
+            torch.cuda.current_stream(self.device).synchronize()  # holders must outlive the launch's read
+            del holders
+
+        return launch
+
+
+__all__ = ["TrainKernels", "cells", "gates", "layer_backward", "layer_forward", "pack_bwd_weights", "pack_fwd_weights", "pad_idx",
            "twin_launcher", "weight_grads"]

@@ -118,3 +118,12 @@ def test_max_hidden_size_table():
     # the numbers docs/persistent_kernels.md quotes (bf16, batch 20, 35 % kept; estimated registers)
     assert max_hidden_size("sm_90") == {"fwd": 1700, "bwd": 1916, "both": 1700}
     assert max_hidden_size("sm_80") == {"fwd": 1292, "bwd": 1468, "both": 1292}
+
+
+def test_one_unit_per_cta_builds(tvm):
+    # hidden < SMs: one unit per CTA (a 1-element shared buffer once broke TVM's shared-memory merge)
+    from rnn_sparsify.codegen.persistent_train import PersistentTrainRequest, cuda_source
+
+    for spec in PersistentTrainRequest(40, 4, 20, "float32", (4, 8, 4)).specs("sm_90"):
+        assert spec.units == 1 and spec.grid == 40
+        assert f"{spec.name}_kernel" in cuda_source(spec, "sm_90")
