@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .layer import LayerBackend
+
 
 def pack_fwd_weights(w_hh: Tensor, spec) -> Tensor:
     """``W_hh`` (4H, H) -> ``(grid * 4U, H)`` rows interleaved by unit (row ``4u + g`` = gate
@@ -151,6 +153,80 @@ def twin_launcher(fn, spec) -> Callable[..., None]:
                           b["Sq"], b["Kp"], b["a"])
 
 
+class PersistentTrainLayerBackend(LayerBackend):
+    """A layer backend (``rnn_sparsify/kernels/layer.py``'s contract) running one layer and
+    direction on the two persistent kernels: ``Xg`` by one GEMM, the forward kernel, the
+    backward-data kernel, then ``dx``, ``dW_ih``, ``dW_hh``, ``db`` by one GEMM each.
+
+    ``launch_fwd``/``launch_bwd`` are the kernels' launch callables (:class:`TrainKernels` on a
+    GPU, the CPU twins in the tests) for ``fwd_spec``/``bwd_spec``. Takes padded sequences
+    (no packed batch sizes), no projection, ``plan.gate_sparsity`` None or coarse with the
+    kernel's ``(P, R, S)``, the kernel's kept count. No rule selects it yet (see
+    ``docs/persistent_kernels.md``)."""
+
+    name = "persistent_train"
+
+    def __init__(self, fwd_spec, bwd_spec, launch_fwd, launch_bwd):
+        self.fs, self.bs, self.launch_fwd, self.launch_bwd = fwd_spec, bwd_spec, launch_fwd, launch_bwd
+
+    def problem(self, x, w_hh, w_hr, plan) -> str | None:
+        """Why this backend cannot take the call (None: it can)."""
+        gsp = plan.gate_sparsity
+        coarse = (gsp.P, gsp.R, gsp.S) if gsp is not None and gsp.mode == "coarse" else ()
+        if w_hr is not None or plan.batch_sizes is not None:
+            return "projections and packed sequences are not supported"
+        if gsp is not None and coarse != self.bs.coarse:
+            return f"gate sparsity {gsp.mode} {coarse or ''} is not the kernel's fused selection {self.bs.coarse}"
+        if gsp is None and self.bs.coarse:
+            return "the kernel selects coarse gate gradients; the plan has no gate sparsity"
+        H = w_hh.shape[1]
+        k = H if plan.rec_idx is None else plan.rec_idx.shape[1]
+        if H != self.fs.hidden_size or k > self.fs.keep or x.shape[1] > self.fs.batch:
+            return (f"hidden {H}, {k} kept units, batch {x.shape[1]} do not fit the kernels' hidden "
+                    f"{self.fs.hidden_size}, {self.fs.keep} kept, batch {self.fs.batch}")
+        return None
+
+    def forward(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, plan):
+        why = self.problem(x, w_hh, w_hr, plan)
+        if why:
+            raise ValueError(f"persistent_train backend: {why}")
+        from .reference import ReferenceBackend
+
+        xg = ReferenceBackend().fwd_input(x, w_ih, plan.in_idx, plan.in_scale)
+        if b_ih is not None:
+            xg = xg + (b_ih + b_hh)
+        rec = plan.rec_idx
+        if plan.reverse:  # the kernel runs in processing order
+            xg, rec = xg.flip(0), (None if rec is None else rec.flip(0))
+        y, hT, cT, ks = layer_forward(xg, h0, c0, rec, plan.rec_scale, pack_fwd_weights(w_hh, self.fs), self.fs,
+                                      self.launch_fwd)
+        hprev = torch.cat([h0[None].to(y.dtype), y[:-1]])  # processing order
+        if plan.reverse:
+            y, hprev = y.flip(0), hprev.flip(0)
+        y = y.to(x.dtype)
+        saved = (x, w_ih, w_hh, hprev.to(x.dtype), ks["Ac"], ks["Cs"], ks["idx"])
+        meta = {"scale": ks["scale"], "B": ks["B"], "has_bias": b_ih is not None}
+        return y, hT.to(x.dtype), cT.to(x.dtype), saved, meta
+
+    def backward(self, saved, meta, plan, dy, dhn, dcn, needs):
+        x, w_ih, w_hh, hprev, Ac, Cs, idx = saved
+        ks = {"Ac": Ac, "Cs": Cs, "idx": idx, "scale": meta["scale"], "B": meta["B"]}
+        dyp = dy.flip(0) if plan.reverse else dy
+        dnet, dh0, dc0, _kept = layer_backward(ks, dyp, dhn, dcn, pack_bwd_weights(w_hh, self.bs), self.bs,
+                                               self.launch_bwd)
+        dnet = (dnet.flip(0) if plan.reverse else dnet).to(x.dtype)
+        dx = dnet @ w_ih  # dense GEMM; dropped input units are then zeroed (output sparsity)
+        if plan.in_idx is not None:
+            m = torch.zeros(x.shape[0], x.shape[2], dtype=x.dtype, device=x.device)
+            m.scatter_(1, plan.in_idx.long(), plan.in_scale)
+            dx = dx * m[:, None, :]
+        dw_ih, dw_hh, db = weight_grads(dnet, x, plan.in_idx, plan.in_scale, hprev, plan.rec_idx, plan.rec_scale)
+        db_ih = db if meta["has_bias"] and needs[5] else None
+        db_hh = db.clone() if meta["has_bias"] and needs[6] else None
+        return (dx if needs[0] else None, dh0.to(x.dtype), dc0.to(x.dtype), dw_ih if needs[3] else None,
+                dw_hh if needs[4] else None, db_ih, db_hh, None)
+
+
 class TrainKernels:
     """The persistent training entries of a bundle loaded on one CUDA device (cuda-bindings,
     no TVM): ``launcher(entry)`` gives the ``launch`` of :func:`layer_forward` /
@@ -230,5 +306,5 @@ class TrainKernels:
         return launch
 
 
-__all__ = ["TrainKernels", "cells", "gates", "layer_backward", "layer_forward", "pack_bwd_weights", "pack_fwd_weights", "pad_idx",
+__all__ = ["PersistentTrainLayerBackend", "TrainKernels", "cells", "gates", "layer_backward", "layer_forward", "pack_bwd_weights", "pack_fwd_weights", "pad_idx",
            "twin_launcher", "weight_grads"]
