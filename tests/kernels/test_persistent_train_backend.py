@@ -88,3 +88,17 @@ def test_problem_says_why_not():
     coarse = LayerPlan(rec_idx=torch.zeros(3, 8, dtype=torch.long), gate_sparsity=GateGradientSparsity.coarse(4, 8, 4))
     assert be.problem(x, w, None, coarse) is None
     assert "do not fit" in be.problem(torch.zeros(3, 5, 5), w, None, coarse)  # batch 5 > 4
+
+
+def test_gemm_loader_skips_training_entries():
+    # a bundle with persistent training entries (gpu_check's) must still load its GEMMs
+    from rnn_sparsify.codegen.manifest import KernelEntry, KernelParam, Manifest
+    from rnn_sparsify.codegen.persistent_train import PersistentTrainSpec
+    from rnn_sparsify.kernels.cuda_loader import choose_entries
+
+    spec = PersistentTrainSpec.make("bwd", 16, 4, 8, "bfloat16", 4)
+    e = KernelEntry(key="k", spec=spec.to_dict(), arch="sm_90", symbol=spec.name + "_kernel",
+                    params=(KernelParam("Dn", "bfloat16"),), grid=(4, 1, 1), block=(spec.threads, 1, 1),
+                    dynamic_smem_bytes=spec.smem_bytes(), source="x.cu", cubin="x.cubin", cubin_sha256="0" * 64,
+                    launch="cooperative")
+    assert choose_entries(Manifest(kernels=(e,), archs=("sm_90",)), "sm_90") == []
