@@ -71,6 +71,23 @@ CASES = [
 
 @pytest.mark.parametrize("H,B,T,p,grid,coarse,dtype,pad,atol", CASES)
 def test_twins_match_float64(tvm, H, B, T, p, grid, coarse, dtype, pad, atol):
+    k = kept_count(H, p) if p else H
+    fs = PersistentTrainSpec.make("fwd", H, B, k + pad, dtype, grid)
+    bs = PersistentTrainSpec.make("bwd", H, B, k + pad, dtype, grid, coarse=coarse)
+    _check(H, B, T, p, fs, bs, coarse, atol)
+
+
+def test_twins_of_the_specs_built_for_sm90(tvm):
+    """The partition the AOT build uses on sm_90 (one CTA per SM: 100 CTAs x 3 units of 300,
+    a warp per unit in the backward), float32 so that the selection is comparable."""
+    from rnn_sparsify.codegen.persistent_train import PersistentTrainRequest
+
+    fs, bs = PersistentTrainRequest(300, 4, kept_count(300, 0.65), "float32", (4, 8, 4)).specs("sm_90")
+    assert (fs.grid, fs.units, fs.split, bs.split) == (100, 3, 8, 32)
+    _check(300, 4, 3, 0.65, fs, bs, (4, 8, 4), 3e-5)
+
+
+def _check(H, B, T, p, fs, bs, coarse, atol):
     gen = torch.Generator().manual_seed(7 * H + B)
     I = 11
     f64 = dict(dtype=torch.float64)
@@ -91,8 +108,6 @@ def test_twins_match_float64(tvm, H, B, T, p, grid, coarse, dtype, pad, atol):
     y_r, gates_r, c_r, dnet_r, dh0_r, dc0_r, dwih_r, dwhh_r, db_r = _reference(
         x, h0, c0, w_ih, w_hh, b, idx, scale, dy, dhn, dcn, coarse)
 
-    fs = PersistentTrainSpec.make("fwd", H, B, k + pad, dtype, grid)
-    bs = PersistentTrainSpec.make("bwd", H, B, k + pad, dtype, grid, coarse=coarse)
     assert fs.grid * fs.units >= H
     xg = x @ w_ih.t() + b  # the input projection, outside the kernel
     y, hT, cT, saved = pt.layer_forward(xg, h0, c0, idx, scale, pt.pack_fwd_weights(w_hh, fs), fs, _twin(fs))
