@@ -135,8 +135,12 @@ def build_persistent_entry(spec, arch: str, folder: Path, versions: dict[str, st
     """Generate, compile and describe one sparse persistent eval kernel
     (:mod:`.persistent_sparse`) into ``folder``; refuses (``UnsupportedGemm``) a grid that
     cannot be co-resident on ``arch``, from ptxas's register count and the shared memory."""
-    from .persistent_sparse import coresidency_problem, dynamic_smem_bytes, make_kernel
+    from . import persistent_sparse, persistent_train
+    from .persistent_sparse import dynamic_smem_bytes
     from .toolchain import import_tvm
+
+    gen = persistent_train if getattr(spec, "kind", None) in persistent_train.KINDS else persistent_sparse
+    make_kernel, coresidency_problem = gen.make_kernel, gen.coresidency_problem
 
     tvm = import_tvm()
     _check_arch(arch)
@@ -148,11 +152,13 @@ def build_persistent_entry(spec, arch: str, folder: Path, versions: dict[str, st
     bound, params = kernel_signature(cu, symbol)
     if bound is not None and bound != spec.threads:
         raise CodegenError(f"{symbol}: __launch_bounds__({bound}) != {spec.threads} threads of the spec")
-    expect = {n for n, _, _ in spec.params()} | {"Tn"}
+    expect = {n for n, _, _ in spec.params()} | {"Tn"} | set(getattr(spec, "scalars", ()))
     if {p.name for p in params} != expect:
         raise CodegenError(f"{symbol}: kernel parameters {[p.name for p in params]} != {sorted(expect)}")
     smem = dynamic_smem_bytes(mod, target)
-    if smem != spec.smem_bytes():
+    # the training loops' smem_bytes() is an estimate (TVM's merge adds up to a few dozen
+    # bytes of alignment); their co-residency check takes TVM's number
+    if gen is persistent_sparse and smem != spec.smem_bytes():
         raise CodegenError(f"{symbol}: TVM allocates {smem} B of dynamic shared memory, the spec expects "
                            f"{spec.smem_bytes()} B")
     base = f"{spec.name}.{arch}"
@@ -163,7 +169,8 @@ def build_persistent_entry(spec, arch: str, folder: Path, versions: dict[str, st
     spill = re.search(r"(\d+) bytes spill stores", log)
     if regs is None:
         raise CodegenError(f"{symbol}: no register count in the ptxas log:\n{log[-1500:]}")
-    why = coresidency_problem(spec, arch, int(regs.group(1)))
+    why = (coresidency_problem(spec, arch, int(regs.group(1)), smem) if gen is persistent_train
+           else coresidency_problem(spec, arch, int(regs.group(1))))
     if why:
         raise UnsupportedGemm(why)
     _nvcc(["--ptx", "-O3", f"-arch={arch.replace('sm_', 'compute_')}", "-o", str(folder / f"{base}.ptx"),
@@ -203,8 +210,9 @@ def cached_entry(spec, arch: str, cache_dir: Path, versions: dict[str, str]) -> 
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
     try:
         from .persistent_sparse import KIND as PERSISTENT
+        from .persistent_train import KINDS as PERSISTENT_TRAIN
 
-        build = build_persistent_entry if getattr(spec, "kind", None) == PERSISTENT else build_entry
+        build = build_persistent_entry if getattr(spec, "kind", None) in (PERSISTENT, *PERSISTENT_TRAIN) else build_entry
         entry = build(spec, arch, tmp, versions)
         (tmp / "entry.json").write_text(json.dumps(entry.to_dict(), indent=1, sort_keys=True))
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -226,11 +234,14 @@ def compile_specs(
     progress: bool = True,
     lstms: Sequence[LSTMSpec] = (),
     persistent: Sequence = (),
+    persistent_train: Sequence = (),
 ) -> Manifest:
     """Build every ``(spec, arch)`` into the bundle folder ``out_dir`` and write its manifest.
 
     ``persistent``: :class:`~.persistent_sparse.PersistentEvalRequest` s, each built for every
-    arch as a sparse persistent eval kernel (one CTA per SM of the arch's reference part)."""
+    arch as a sparse persistent eval kernel (one CTA per SM of the arch's reference part).
+    ``persistent_train``: :class:`~.persistent_train.PersistentTrainRequest` s, each built for
+    every arch as the forward and backward-data persistent training loops."""
     from .toolchain import nvcc_path
 
     archs = tuple(_check_arch(a) for a in archs)
@@ -249,6 +260,9 @@ def compile_specs(
         for req in dict.fromkeys(persistent):
             for a in archs:
                 jobs.append((spec_for_arch(req.hidden_size, req.batch, req.nnz, req.dtype, a), a))
+    for req in dict.fromkeys(persistent_train):
+        for a in archs:
+            jobs.extend((s, a) for s in req.specs(a))
     entries, hits = [], 0
     try:
         from tqdm import tqdm
@@ -280,6 +294,11 @@ def compile_persistent(requests: Sequence, archs: Sequence[str], out_dir, **kw) 
     return compile_specs((), archs, out_dir, persistent=requests, **kw)
 
 
+def compile_persistent_train(requests: Sequence, archs: Sequence[str], out_dir, **kw) -> Manifest:
+    """Build only persistent training loops (see :func:`compile_specs`'s ``persistent_train``)."""
+    return compile_specs((), archs, out_dir, persistent_train=requests, **kw)
+
+
 def compile_lstms(lstms: Sequence[LSTMSpec], archs: Sequence[str], out_dir, **kw) -> Manifest:
     """Build every kernel the LSTMs need (see :mod:`.lstm_spec`)."""
     seen, specs = set(), []
@@ -308,6 +327,6 @@ def compile_model(model, batch: int, seq_len: int, archs: Sequence[str], out_dir
 
 
 __all__ = [
-    "ARCHS", "compile_specs", "compile_lstms", "compile_persistent", "compile_model", "default_cache_dir",
+    "ARCHS", "compile_specs", "compile_lstms", "compile_persistent", "compile_persistent_train", "compile_model", "default_cache_dir",
     "kernel_signature", "ToolchainMissing",
 ]

@@ -18,7 +18,7 @@ from rnn_sparsify.target import (
     model_target, output_problem, positive_int, probability,
 )
 
-from .errors import CodegenError
+from .errors import CodegenError, UnsupportedGemm
 
 MODEL_HELP = ("path/to/file.py:factory, package.module:factory (from the current folder) or a torch.save'd "
               "model (.pt); the factory returns a module, (module, example_inputs) or (module, example_inputs, "
@@ -180,6 +180,39 @@ def persistent_requests(args: argparse.Namespace, model=None) -> list:
     return list(dict.fromkeys(out))
 
 
+def persistent_train_requests(args: argparse.Namespace, sd, gs) -> list:
+    """``compile --persistent-train`` (an LSTM spec): the persistent training loops of its hidden
+    size, with the kept count of ``--p-recurrent`` and the coarse selection of ``--gate``."""
+    from rnn_sparsify.config import kept_count
+
+    from .persistent_train import PersistentTrainRequest
+
+    H = args.hidden_size
+    keep = kept_count(H, sd.p_recurrent) if sd is not None and sd.p_recurrent > 0 else H
+    coarse = ()
+    if gs is not None:
+        if gs.mode != "coarse":
+            raise UnsupportedGemm(f"--persistent-train fuses coarse gate-gradient selection only, not {gs.mode} "
+                                  "(fine/meprop run on the per-step kernels): drop --persistent-train or use "
+                                  "--gate coarse:P,R,S")
+        coarse = (gs.P, gs.R, gs.S)
+    return [PersistentTrainRequest(H, args.batch, keep, args.dtype or "bfloat16", coarse)]
+
+
+def print_persistent_train(manifest) -> None:
+    """One line per persistent training-loop kernel of ``manifest``."""
+    from .persistent_train import KINDS
+
+    for e in manifest.kernels:
+        if e.spec.get("kind") not in KINDS:
+            continue
+        s = e.spec
+        sel = ", coarse {}/{}/{}".format(*s["coarse"]) if s.get("coarse") else ""
+        print(f"persistent training {s['part']} kernel {e.arch}: hidden {s['hidden_size']}, batch {s['batch']}, "
+              f"{s['keep']} kept units/step{sel}, {s['dtype']}: {e.grid[0]} CTAs x {e.block[0]} threads, "
+              f"{e.dynamic_smem_bytes} B shared memory, {e.registers} registers, {e.launch} launch")
+
+
 def print_persistent(manifest) -> None:
     """One line per sparse persistent eval kernel of ``manifest``: what was built."""
     from .persistent_sparse import KIND
@@ -231,6 +264,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return 0
     if args.persistent_eval:
         kw["persistent"] = persistent_requests(args, load_model(args.model).module if args.model else None)
+    if args.persistent_train:
+        kw["persistent_train"] = persistent_train_requests(args, sd, gs)
     if args.model:
         try:
             plan, manifest = build_from_model(args.model, args.batch, args.seq_len, args.arch, args.out,
@@ -242,10 +277,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             from .aot import compile_persistent
 
             manifest = compile_persistent(kw.pop("persistent"), args.arch, args.out, **kw)
-    elif sd is None and gs is None and args.persistent_eval:
-        from .aot import compile_persistent
-
-        manifest = compile_persistent(kw.pop("persistent"), args.arch, args.out, **kw)
+    elif sd is None and gs is None and (args.persistent_eval or args.persistent_train):
+        manifest = compile_specs((), args.arch, args.out, **kw)
     else:
         if sd is None and gs is None:
             raise NothingToBuildError("nothing to build: the LSTM spec has no sparsity (every GEMM is dense, "
@@ -259,6 +292,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         manifest = compile_lstms([spec], args.arch, args.out, **kw)
     stats = getattr(compile_specs, "last_stats", {})
     print_persistent(manifest)
+    print_persistent_train(manifest)
     print(f"bundle {args.out}: {len(manifest.kernels)} kernels for {', '.join(manifest.archs)} "
           f"({stats.get('cache_hits', 0)} from cache)")
     return 0
@@ -343,6 +377,10 @@ def register(subparsers, parents=()) -> None:
                    help="--persistent-eval: bound on non-zeros per gate row of W_hh (the format's width)")
     p.add_argument("--density", type=density, default=None,
                    help="--persistent-eval: W_hh density in (0, 1]; the bound is the mean row count + 5 sigma")
+    p.add_argument("--persistent-train", action="store_true",
+                   help="--target cuda, an LSTM spec: also the persistent training loops (forward with "
+                   "--p-recurrent's structured dropout, backward-data with --gate coarse selection; one "
+                   "cooperative launch each; not used at run time yet)")
     p.add_argument("--cache-dir", default=None, help="compile cache (default ~/.cache/rnn_sparsify/kernels)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compile, check=_check_compile, subparser=p)
@@ -374,6 +412,9 @@ def _check_compile(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("the following arguments are required with --target cuda: --arch")
     if args.persistent_eval and args.target != "cuda":
         parser.error("--persistent-eval builds GPU kernels: use it with --target cuda")
+    if args.persistent_train and (args.target != "cuda" or args.model):
+        parser.error("--persistent-train builds GPU kernels for an LSTM spec: use it with --target cuda and "
+                     "--input-size/--hidden-size (not --model)")
     if (args.nnz_max or args.density) and not args.persistent_eval:
         parser.error("--nnz-max/--density describe the --persistent-eval kernels; add --persistent-eval")
     if args.model and (args.hidden_size is not None or args.num_layers != 1 or args.bidirectional):

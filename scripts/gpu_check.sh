@@ -6,7 +6,7 @@
 #       and the wheels the GPU machine needs       -> .whl/ (rnn_sparsify, cuda-bindings, cuda-pathfinder)
 #   scripts/gpu_check.sh run OUT_DIR    # on the GPU machine (no TVM, no network needed):
 #       installs the carried wheels, runs the gpu-marked tests (GEMM kernels, sparse persistent
-#       eval kernels) and the benchmarks, writes pytest.log, bench.md, gpu_sparse_eval.md/.json,
+#       eval kernels, persistent training loops) and the benchmarks, writes pytest.log, bench.md, gpu_sparse_eval.md/.json,
 #       env.txt and status into OUT_DIR. Runs from a temporary
 #       folder, so the checkout's ./rnn_sparsify cannot shadow the installed wheel.
 #   scripts/gpu_check.sh rehearse OUT_DIR   # CPU rehearsal of `run` (CI: tests/test_gpu_check_script.py):
@@ -44,7 +44,10 @@ tests = [
 # sparse persistent eval kernels: the GPU tests' shapes (row bound = hidden size: any mask fits)
 from rnn_sparsify.codegen.persistent_sparse import PersistentEvalRequest, nnz_bound
 persistent = [PersistentEvalRequest(40, 4, 40, "float32"), PersistentEvalRequest(72, 8, 72, "bfloat16")]
-m = compile_lstms(tests + bench_lstm_specs(), archs, out, persistent=persistent)
+# persistent training loops: the GPU test's shapes (test_persistent_train_gpu.py)
+from rnn_sparsify.codegen.persistent_train import PersistentTrainRequest
+train = [PersistentTrainRequest(40, 4, 20, "float32", (4, 8, 4)), PersistentTrainRequest(72, 8, 47, "bfloat16")]
+m = compile_lstms(tests + bench_lstm_specs(), archs, out, persistent=persistent, persistent_train=train)
 # ... and the benchmark's (H 2304, 30 %, batch 4, bf16): fits an H100/H200 (sm_90), not an A100
 if "sm_90" in archs:
     import json, shutil, tempfile
@@ -85,12 +88,13 @@ run() {
     # has no codegen/) would shadow the installed wheel (python -m puts the cwd on sys.path).
     OUT_ABS=$(cd "$OUT" && pwd)
     WORK=$(mktemp -d)
-    cp tests/kernels/test_cuda_gpu.py tests/kernels/test_persistent_gpu.py benchmarks/gpu_sparse_eval.py "$WORK/"
+    cp tests/kernels/test_cuda_gpu.py tests/kernels/test_persistent_gpu.py tests/kernels/test_persistent_train_gpu.py \
+        benchmarks/gpu_sparse_eval.py "$WORK/"
     printf '[pytest]\nmarkers =\n    gpu: needs a CUDA GPU\n' > "$WORK/pytest.ini"
     set +e
     (cd "$WORK" && $PY -c "import rnn_sparsify, rnn_sparsify.codegen.lstm_spec, rnn_sparsify.codegen.cli, rnn_sparsify.kernels.cuda_loader; print('rnn_sparsify from', rnn_sparsify.__file__)") > "$OUT_ABS/imports.log" 2>&1
     rc_imports=$?
-    (cd "$WORK" && $PY -m pytest -q -rs -m gpu ${PYTEST_ARGS:-} test_cuda_gpu.py test_persistent_gpu.py -p no:cacheprovider) > "$OUT_ABS/pytest.log" 2>&1
+    (cd "$WORK" && $PY -m pytest -q -rs -m gpu ${PYTEST_ARGS:-} test_cuda_gpu.py test_persistent_gpu.py test_persistent_train_gpu.py -p no:cacheprovider) > "$OUT_ABS/pytest.log" 2>&1
     rc_tests=$?
     if [ -n "${PYTEST_ARGS:-}" ]; then rc_bench=0; else
         (cd "$WORK" && $PY -m rnn_sparsify.codegen.cli bench --bundle "$RNN_SPARSIFY_TEST_BUNDLE" --out "$OUT_ABS/bench.md") > "$OUT_ABS/bench.log" 2>&1

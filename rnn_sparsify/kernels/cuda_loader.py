@@ -63,15 +63,19 @@ def _arch_num(arch: str) -> int:
     return int("".join(c for c in arch if c.isdigit()))
 
 
+_NOT_GEMMS = ("persistent_sparse_eval", "persistent_train_fwd", "persistent_train_bwd")
+
+
 def choose_entries(manifest: Manifest, arch: str, *, allow_ptx_jit: bool = False, where: str = "bundle") -> list[tuple[KernelEntry, bool]]:
     """The entries to load on a GPU of ``arch``: ``(entry, from_ptx)``.
 
     Exact-arch cubins; else, with ``allow_ptx_jit``, the newest older-arch PTX of each kernel
     (the driver JIT-compiles it); else :class:`BundleError` naming the archs and the fix.
-    Sparse persistent eval entries are not GEMMs: skipped here (a bundle of only those: none).
+    Sparse persistent eval and persistent training entries are not GEMMs: skipped here (a
+    bundle of only those: none).
     """
-    # the sparse persistent eval kernels are loaded by .persistent_eval, not as GEMMs
-    gemms = [e for e in manifest.kernels if e.spec.get("kind") != "persistent_sparse_eval"]
+    # loaded by .persistent_eval / .persistent_train, not as GEMMs
+    gemms = [e for e in manifest.kernels if e.spec.get("kind") not in _NOT_GEMMS]
     if not gemms:
         return []
     exact = [e for e in gemms if e.arch == arch]

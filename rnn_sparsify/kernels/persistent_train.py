@@ -1,0 +1,310 @@
+"""Host side of the persistent training loops (``codegen/persistent_train.py``, issue 9 item 2):
+weight layouts, buffer set-up and the split of work between the kernels and torch.
+
+Pure torch (no TVM): ``launch`` is the cubin on a GPU (not wired into a backend yet) or the
+CPU twin in the tests. Per layer/direction:
+
+* ``Xg = x @ W_ih[:, kept]^T * a_in + b`` for all steps (outside, one GEMM);
+* :func:`layer_forward`: one launch of the forward kernel -> ``y, h_T, c_T`` and the saved
+  activations / cell states;
+* :func:`layer_backward`: one launch of the backward-data kernel -> ``dNet`` of every step
+  (selected), ``dh_0``, ``dc_0``; the weight gradients are one GEMM each afterwards
+  (:func:`weight_grads`), ``dx = dNet @ W_ih`` likewise.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .layer import LayerBackend
+
+
+def pack_fwd_weights(w_hh: Tensor, spec) -> Tensor:
+    """``W_hh`` (4H, H) -> ``(grid * 4U, H)`` rows interleaved by unit (row ``4u + g`` = gate
+    ``g`` of unit ``u``), padding units zero, in the kernel dtype."""
+    H, U = spec.hidden_size, spec.units
+    out = torch.zeros(spec.slots, 4, H, dtype=getattr(torch, spec.dtype), device=w_hh.device)
+    out[:H] = w_hh.reshape(4, H, H).transpose(0, 1)
+    return out.reshape(spec.slots * 4, H).contiguous()
+
+
+def pack_bwd_weights(w_hh: Tensor, spec) -> Tensor:
+    """``W_hh`` (4H, H) -> ``W_hh^T`` padded to ``(grid * U, 4H)`` (row ``j`` = column ``j``)."""
+    H = spec.hidden_size
+    out = torch.zeros(spec.slots, 4 * H, dtype=getattr(torch, spec.dtype), device=w_hh.device)
+    out[:H] = w_hh.t()
+    return out.contiguous()
+
+
+def pad_idx(idx: Tensor | None, T: int, spec, device) -> Tensor:
+    """Kept units ``(T, k)`` -> int32 ``(T, spec.keep)`` padded with ``H``; None: all units."""
+    H, K = spec.hidden_size, spec.keep
+    if idx is None:
+        idx = torch.arange(H, device=device).expand(T, H)
+    if idx.shape[1] > K:
+        raise ValueError(f"{idx.shape[1]} kept units per step > the kernel's {K}")
+    out = torch.full((T, K), H, dtype=torch.int32, device=device)
+    out[:, :idx.shape[1]] = idx.to(torch.int32)
+    return out
+
+
+def _unit_major(v: Tensor, spec) -> Tensor:
+    """(..., B, H) -> (..., slots * Bp) float32, ``[j*Bp + b]``, zero padding."""
+    H, Bp = spec.hidden_size, spec.batch
+    lead = v.shape[:-2]
+    out = torch.zeros(*lead, spec.slots, Bp, dtype=torch.float32, device=v.device)
+    out[..., :H, :v.shape[-2]] = v.transpose(-1, -2).float()
+    return out.reshape(*lead, spec.slots * Bp)
+
+
+def _from_unit_major(v: Tensor, spec, B: int) -> Tensor:
+    """Inverse of :func:`_unit_major` (first ``H * Bp`` values) -> (..., B, H)."""
+    H, Bp = spec.hidden_size, spec.batch
+    lead = v.shape[:-1]
+    return v[..., :H * Bp].reshape(*lead, H, Bp)[..., :B].transpose(-1, -2)
+
+
+def layer_forward(xg: Tensor, h0: Tensor, c0: Tensor, idx: Tensor | None, scale: float, w_fwd: Tensor, spec,
+                  launch: Callable[..., None]):
+    """``xg`` (T, B, 4H), ``h0``/``c0`` (B, H), ``idx`` (T, k) kept units of h_{t-1} or None,
+    ``scale`` = H / k. Returns ``(y (T, B, H), h_T, c_T, saved)``; ``saved`` holds the kernel
+    buffers the backward needs (``Ac``, ``Cs``, ``Hs``, ``idx``)."""
+    T, B, H4 = xg.shape
+    H, Bp = spec.hidden_size, spec.batch
+    if H4 != 4 * H or B > Bp:
+        raise ValueError(f"xg must be (T, <= {Bp}, {4 * H}), got {tuple(xg.shape)}")
+    dt, dev = getattr(torch, spec.dtype), xg.device
+    Xg = torch.zeros(T, Bp, H4, dtype=dt, device=dev)
+    Xg[:, :B] = xg
+    Hs = torch.zeros(T + 1, spec.h_len, dtype=dt, device=dev)
+    Hs[0, :spec.slots * Bp] = _unit_major(h0, spec).to(dt)
+    Cs = torch.zeros(T + 1, spec.slots * Bp, dtype=torch.float32, device=dev)
+    Cs[0] = _unit_major(c0, spec)
+    Ac = torch.zeros(T, 4 * spec.slots * Bp, dtype=torch.float32, device=dev)
+    ix = pad_idx(idx, T, spec, dev)
+    bar = torch.zeros(1, dtype=torch.int32, device=dev)  # the barrier counter starts at 0 every launch
+    launch(Xg=Xg, idx=ix, W=w_fwd, Hs=Hs, Cs=Cs, Ac=Ac, bar=bar, a=float(scale))
+    y = _from_unit_major(Hs[1:], spec, B)
+    cT = _from_unit_major(Cs[T], spec, B)
+    return y, y[-1], cT, {"Ac": Ac, "Cs": Cs, "Hs": Hs, "idx": ix, "scale": float(scale), "B": B}
+
+
+def gates(saved: dict, spec) -> Tensor:
+    """The activations i, f, g, o of every step as (T, B, 4H) (gate-major, like nn.LSTM)."""
+    Ac, B = saved["Ac"], saved["B"]
+    H, Bp = spec.hidden_size, spec.batch
+    T = Ac.shape[0]
+    a = Ac.reshape(T, spec.slots, 4, Bp)[:, :H, :, :B]  # (T, H, 4, B)
+    return a.permute(0, 3, 2, 1).reshape(T, B, 4 * H)
+
+
+def cells(saved: dict, spec) -> Tensor:
+    """c_t of every step (T, B, H)."""
+    return _from_unit_major(saved["Cs"][1:], spec, saved["B"])
+
+
+def layer_backward(saved: dict, dy: Tensor, dh_T: Tensor, dc_T: Tensor, w_bwd: Tensor, spec,
+                   launch: Callable[..., None]):
+    """``dy`` (T, B, H) gradient of the outputs, ``dh_T``/``dc_T`` (B, H). Returns ``(dnet (T, B,
+    4H) selected, dh_0, dc_0, kept)``; ``kept`` (T, 4H/P) int32 slice flags with coarse
+    selection, else None."""
+    T, B, _ = dy.shape
+    H, Bp = spec.hidden_size, spec.batch
+    dt, dev = getattr(torch, spec.dtype), dy.device
+    dY = _unit_major(dy, spec).contiguous()
+    DH = _unit_major(dh_T, spec).contiguous()
+    DC = _unit_major(dc_T, spec).contiguous()
+    Dn = torch.zeros(T, 4 * H * Bp, dtype=dt, device=dev)
+    bar = torch.zeros(1, dtype=torch.int32, device=dev)
+    ns = max(spec.n_slices, 1)
+    Sq = torch.zeros(T, 4 * H, dtype=torch.float32, device=dev)
+    Kp = torch.zeros(T, ns, dtype=torch.int32, device=dev)
+    launch(dY=dY, Ac=saved["Ac"], Cs=saved["Cs"], idx=saved["idx"], Wb=w_bwd, DH=DH, DC=DC, Dn=Dn, bar=bar,
+           Sq=Sq, Kp=Kp, a=saved["scale"])
+    dnet = Dn.reshape(T, 4 * H, Bp)[:, :, :B].transpose(1, 2)
+    return dnet, _from_unit_major(DH, spec, B), _from_unit_major(DC, spec, B), (Kp if spec.coarse else None)
+
+
+def weight_grads(dnet: Tensor, x: Tensor, in_idx: Tensor | None, in_scale: float, hprev: Tensor,
+                 rec_idx: Tensor | None, rec_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``dW_ih, dW_hh, db`` as one GEMM each over all ``T*B`` rows of the masked, scaled GEMM
+    inputs (the dropped units are zero columns, which give zero gradient columns)."""
+    def masked(v, idx, a):
+        if idx is None:
+            return v
+        m = torch.zeros(v.shape[0], v.shape[-1], dtype=v.dtype, device=v.device)
+        m.scatter_(1, idx.long(), a)
+        return v * m[:, None, :]
+
+    T, B, H4 = dnet.shape
+    d = dnet.reshape(T * B, H4)
+    xm = masked(x, in_idx, in_scale).reshape(T * B, -1)
+    hm = masked(hprev, rec_idx, rec_scale).reshape(T * B, -1)
+    return d.t() @ xm, d.t() @ hm, d.sum(0)
+
+
+def twin_launcher(fn, spec) -> Callable[..., None]:
+    """``launch`` for the CPU twin ``fn`` (the kernel's buffers by name)."""
+    if spec.part == "fwd":
+        return lambda **b: fn(b["Xg"], b["idx"], b["W"], b["Hs"], b["Cs"], b["Ac"], b["bar"], b["a"])
+    return lambda **b: fn(b["dY"], b["Ac"], b["Cs"], b["idx"], b["Wb"], b["DH"], b["DC"], b["Dn"], b["bar"],
+                          b["Sq"], b["Kp"], b["a"])
+
+
+class PersistentTrainLayerBackend(LayerBackend):
+    """A layer backend (``rnn_sparsify/kernels/layer.py``'s contract) running one layer and
+    direction on the two persistent kernels: ``Xg`` by one GEMM, the forward kernel, the
+    backward-data kernel, then ``dx``, ``dW_ih``, ``dW_hh``, ``db`` by one GEMM each.
+
+    ``launch_fwd``/``launch_bwd`` are the kernels' launch callables (:class:`TrainKernels` on a
+    GPU, the CPU twins in the tests) for ``fwd_spec``/``bwd_spec``. Takes padded sequences
+    (no packed batch sizes), no projection, ``plan.gate_sparsity`` None or coarse with the
+    kernel's ``(P, R, S)``, the kernel's kept count. No rule selects it yet (see
+    ``docs/persistent_kernels.md``)."""
+
+    name = "persistent_train"
+
+    def __init__(self, fwd_spec, bwd_spec, launch_fwd, launch_bwd):
+        self.fs, self.bs, self.launch_fwd, self.launch_bwd = fwd_spec, bwd_spec, launch_fwd, launch_bwd
+
+    def problem(self, x, w_hh, w_hr, plan) -> str | None:
+        """Why this backend cannot take the call (None: it can)."""
+        gsp = plan.gate_sparsity
+        coarse = (gsp.P, gsp.R, gsp.S) if gsp is not None and gsp.mode == "coarse" else ()
+        if w_hr is not None or plan.batch_sizes is not None:
+            return "projections and packed sequences are not supported"
+        if gsp is not None and coarse != self.bs.coarse:
+            return f"gate sparsity {gsp.mode} {coarse or ''} is not the kernel's fused selection {self.bs.coarse}"
+        if gsp is None and self.bs.coarse:
+            return "the kernel selects coarse gate gradients; the plan has no gate sparsity"
+        H = w_hh.shape[1]
+        k = H if plan.rec_idx is None else plan.rec_idx.shape[1]
+        if H != self.fs.hidden_size or k > self.fs.keep or x.shape[1] > self.fs.batch:
+            return (f"hidden {H}, {k} kept units, batch {x.shape[1]} do not fit the kernels' hidden "
+                    f"{self.fs.hidden_size}, {self.fs.keep} kept, batch {self.fs.batch}")
+        return None
+
+    def forward(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, plan):
+        why = self.problem(x, w_hh, w_hr, plan)
+        if why:
+            raise ValueError(f"persistent_train backend: {why}")
+        from .reference import ReferenceBackend
+
+        xg = ReferenceBackend().fwd_input(x, w_ih, plan.in_idx, plan.in_scale)
+        if b_ih is not None:
+            xg = xg + (b_ih + b_hh)
+        rec = plan.rec_idx
+        if plan.reverse:  # the kernel runs in processing order
+            xg, rec = xg.flip(0), (None if rec is None else rec.flip(0))
+        y, hT, cT, ks = layer_forward(xg, h0, c0, rec, plan.rec_scale, pack_fwd_weights(w_hh, self.fs), self.fs,
+                                      self.launch_fwd)
+        hprev = torch.cat([h0[None].to(y.dtype), y[:-1]])  # processing order
+        if plan.reverse:
+            y, hprev = y.flip(0), hprev.flip(0)
+        y = y.to(x.dtype)
+        saved = (x, w_ih, w_hh, hprev.to(x.dtype), ks["Ac"], ks["Cs"], ks["idx"])
+        meta = {"scale": ks["scale"], "B": ks["B"], "has_bias": b_ih is not None}
+        return y, hT.to(x.dtype), cT.to(x.dtype), saved, meta
+
+    def backward(self, saved, meta, plan, dy, dhn, dcn, needs):
+        x, w_ih, w_hh, hprev, Ac, Cs, idx = saved
+        ks = {"Ac": Ac, "Cs": Cs, "idx": idx, "scale": meta["scale"], "B": meta["B"]}
+        dyp = dy.flip(0) if plan.reverse else dy
+        dnet, dh0, dc0, _kept = layer_backward(ks, dyp, dhn, dcn, pack_bwd_weights(w_hh, self.bs), self.bs,
+                                               self.launch_bwd)
+        dnet = (dnet.flip(0) if plan.reverse else dnet).to(x.dtype)
+        dx = dnet @ w_ih  # dense GEMM; dropped input units are then zeroed (output sparsity)
+        if plan.in_idx is not None:
+            m = torch.zeros(x.shape[0], x.shape[2], dtype=x.dtype, device=x.device)
+            m.scatter_(1, plan.in_idx.long(), plan.in_scale)
+            dx = dx * m[:, None, :]
+        dw_ih, dw_hh, db = weight_grads(dnet, x, plan.in_idx, plan.in_scale, hprev, plan.rec_idx, plan.rec_scale)
+        db_ih = db if meta["has_bias"] and needs[5] else None
+        db_hh = db.clone() if meta["has_bias"] and needs[6] else None
+        return (dx if needs[0] else None, dh0.to(x.dtype), dc0.to(x.dtype), dw_ih if needs[3] else None,
+                dw_hh if needs[4] else None, db_ih, db_hh, None)
+
+
+class TrainKernels:
+    """The persistent training entries of a bundle loaded on one CUDA device (cuda-bindings,
+    no TVM): ``launcher(entry)`` gives the ``launch`` of :func:`layer_forward` /
+    :func:`layer_backward` (``cuLaunchCooperativeKernel`` on torch's current stream, like
+    :class:`~rnn_sparsify.kernels.persistent_eval.PersistentKernels`). Not yet used by a
+    backend: the GPU test launches through it."""
+
+    def __init__(self, path, device: torch.device):
+        from pathlib import Path
+
+        from rnn_sparsify.codegen.manifest import Manifest, read_verified
+
+        from .cuda_loader import _driver, check, device_arch
+        from .persistent_eval import coresidency_text
+
+        self.path, self.device = Path(path), device
+        arch = device_arch(device)
+        kinds = ("persistent_train_fwd", "persistent_train_bwd")
+        self.entries = [e for e in Manifest.load(self.path).kernels if e.spec.get("kind") in kinds and e.arch == arch]
+        self._fn: dict = {}
+        self.why: dict = {}
+        cu = _driver()
+        torch.cuda.init()
+        with torch.cuda.device(device):
+            torch.empty(1, device=device)
+        check(cu.cuInit(0), "cuInit")
+        dev = check(cu.cuDeviceGet(device.index or 0), "cuDeviceGet")
+        check(cu.cuCtxSetCurrent(check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")), "cuCtxSetCurrent")
+        sms = check(cu.cuDeviceGetAttribute(
+            cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute")
+        coop = check(cu.cuDeviceGetAttribute(
+            cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH, dev), "cuDeviceGetAttribute")
+        self._modules = []
+        for e in self.entries:
+            module = check(cu.cuModuleLoadData(read_verified(self.path, e)), f"cuModuleLoadData({e.cubin})")
+            self._modules.append(module)
+            fn = check(cu.cuModuleGetFunction(module, e.symbol.encode()), f"cuModuleGetFunction({e.symbol})")
+            if e.dynamic_smem_bytes > 48 * 1024:
+                check(cu.cuFuncSetAttribute(
+                    fn, cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    e.dynamic_smem_bytes), "cuFuncSetAttribute")
+            per_sm = check(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                fn, e.block[0] * e.block[1] * e.block[2], e.dynamic_smem_bytes),
+                "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+            why = coresidency_text(e, sms, per_sm, bool(coop))
+            if why:
+                self.why[e.key] = why
+            else:
+                self._fn[e.key] = fn
+
+    def launcher(self, entry) -> Callable[..., None]:
+        import numpy as np
+
+        from .cuda_loader import _driver, check
+
+        if entry.key not in self._fn:
+            raise RuntimeError(self.why.get(entry.key, f"{entry.symbol}: not loaded"))
+        fn, cu = self._fn[entry.key], _driver()
+
+        def launch(**bufs):
+            holders = []
+            for p in entry.params:
+                if p.pointer:
+                    holders.append(np.array([bufs[p.name].data_ptr()], dtype=np.uint64))
+                elif p.name == "Tn":  # the number of steps
+                    holders.append(np.array([bufs["idx"].shape[0]], dtype=np.int32))
+                else:  # the dropout scale a
+                    holders.append(np.array([bufs[p.name]], dtype=np.float32))
+            params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            check(cu.cuLaunchCooperativeKernel(fn, *entry.grid, *entry.block, entry.dynamic_smem_bytes,
+                                               cu.CUstream(stream), params.ctypes.data),
+                  f"cuLaunchCooperativeKernel({entry.symbol})")
+            torch.cuda.current_stream(self.device).synchronize()  # holders must outlive the launch's read
+            del holders
+
+        return launch
+
+
+__all__ = ["PersistentTrainLayerBackend", "TrainKernels", "cells", "gates", "layer_backward", "layer_forward", "pack_bwd_weights", "pack_fwd_weights", "pad_idx",
+           "twin_launcher", "weight_grads"]
