@@ -90,3 +90,14 @@ def test_missing_kernel_falls_back_and_says_why(backend):
     torch.testing.assert_close(dense, REFERENCE.fwd_input(x, w, None))
     assert backend.paths["fwd_input"]["reference: dense or unsupported rank"] >= 1
     assert backend.summary()["fwd_input"]["kernel"] >= 1
+
+
+def test_mixed_dtypes_take_no_kernel(backend):
+    """Under torch.autocast a float32 model's weights stay float32 while an activation may come
+    in float16: no kernel matches (``compile``'s dtype note for float32 models relies on it)."""
+    x, w, idx = _r(T, B, I), _r(4 * H, I).float(), _kept(I, 9)
+    before = dict(backend.paths["fwd_input"])
+    spec = lambda dt: GatherK(T=T, M=B, N=4 * H, K=I, k=9, dtype=dt)  # noqa: E731 - in the bundle as float16
+    assert backend._kernel("fwd_input", spec, (x, w)) is None
+    assert backend.paths["fwd_input"]["reference: dtype"] == before.get("reference: dtype", 0) + 1
+    assert backend._kernel("fwd_input", spec, (x, w.to(DT))) is not None  # one dtype: the kernel
