@@ -1,6 +1,6 @@
 """The GPU backend's wrappers (index conversion, padding, alpha, dtype, scatter, fallback),
-run on the CPU with each kernel's LLVM build standing in for the cubin; against the
-reference backend."""
+run on the CPU with each kernel's CUDA schedule, emulated (codegen/emulate.py), standing in
+for the cubin; against the reference backend."""
 import pytest
 import torch
 
