@@ -20,9 +20,9 @@ scheduled function on the CPU:
 3. the result is built for LLVM.
 
 Not checked: barrier placement and data races (serial loops cannot race), bank conflicts,
-the PTX strings the real intrinsics emit (the SASS tests look for HMMA/LDSM), and the
-register layout itself (the emulation encodes the PTX ISA's tables; a misreading of them
-would be shared by both sides).
+the PTX strings the real intrinsics emit (the SASS tests look for HMMA/LDSM), and the PTX
+register layouts themselves: they are transcribed from the PTX ISA into the stand-ins, and a
+misreading that the ldmatrix and mma stand-ins share would cancel out unnoticed.
 """
 from __future__ import annotations
 
