@@ -227,6 +227,17 @@ def print_persistent(manifest) -> None:
               f"in registers, {e.launch} launch")
 
 
+def _print_dtype_note(manifest, requested, param_dtypes) -> None:
+    """The dtype of the GEMM kernels built and what autocast training runs (``dtype_note``)."""
+    from .gemm_gather import GENERATORS
+    from .model_plan import dtype_note
+
+    line = dtype_note([e.spec["dtype"] for e in manifest.kernels if e.spec.get("kind") in GENERATORS],
+                      requested, param_dtypes)
+    if line:
+        print(line)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from .aot import compile_lstms, compile_specs
     from .lstm_spec import LSTMSpec
@@ -266,6 +277,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         kw["persistent"] = persistent_requests(args, load_model(args.model).module if args.model else None)
     if args.persistent_train:
         kw["persistent_train"] = persistent_train_requests(args, sd, gs)
+    plan = None
     if args.model:
         try:
             plan, manifest = build_from_model(args.model, args.batch, args.seq_len, args.arch, args.out,
@@ -293,6 +305,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     stats = getattr(compile_specs, "last_stats", {})
     print_persistent(manifest)
     print_persistent_train(manifest)
+    _print_dtype_note(manifest, args.dtype, plan.param_dtypes if args.model and plan is not None else [])
     print(f"bundle {args.out}: {len(manifest.kernels)} kernels for {', '.join(manifest.archs)} "
           f"({stats.get('cache_hits', 0)} from cache)")
     return 0
@@ -364,7 +377,9 @@ def register(subparsers, parents=()) -> None:
     p.add_argument("--batch", type=positive_int, required=True, help="batch size the kernels are built for")
     p.add_argument("--seq-len", type=positive_int, required=True, help="sequence length (time steps per call)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                   help="default: the model's parameter dtype (bfloat16 for an LSTM spec)")
+                   help="default: the model's parameter dtype (bfloat16 for an LSTM spec); bfloat16/float16 "
+                   "run on tensor cores, float32 on FMA; kernels are picked by the tensors' dtype, so "
+                   "autocast training of a float32 model does not use bfloat16 ones")
     p.add_argument("--p-input", type=probability, default=0.0, help="structured dropout of the input units, in [0, 1)")
     p.add_argument("--p-recurrent", type=probability, default=0.0, help="structured dropout of h_{t-1}, in [0, 1)")
     p.add_argument("--gate", type=gate_spec, help=f"gate-gradient sparsity: {GATE_HELP}")

@@ -18,7 +18,8 @@ access inside the tensorized block does not match the mma intrinsics): a *gather
 writes a dense, zero-padded tile (``A_g``, ``B_g``), and the dense GEMM block ``C``. On the GPU
 the gather blocks become the global->shared copies of the tiled GEMM (see
 :mod:`rnn_sparsify.codegen.schedule`); on the CPU the same function is built unscheduled with
-LLVM, which is how the algorithm is tested without a GPU.
+LLVM, which is how the algorithm is tested without a GPU (the CUDA schedules themselves are run
+on the CPU by :mod:`rnn_sparsify.codegen.emulate`).
 
 Ragged sizes: the GEMM runs over sizes padded up to the tile (``Mp, Np, Kp``); the gather blocks
 read zeros outside the logical sizes, and ``C`` is the padded ``(T, Mp, Np)`` fp32 product (the

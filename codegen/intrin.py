@@ -59,28 +59,42 @@ def _register_index_map() -> None:
     tvm_ffi.register_global_func(_INDEX_MAP_FUNC, _imap)
 
 
+def ldmatrix_trans(operand: str, transposed: bool) -> bool:
+    """The ``.trans`` flag of the ``ldmatrix`` that loads ``operand`` ("A" or "B") from a
+    shared tile stored ``transposed`` (A: ``[k, m]``; B: ``[n, k]``). mma.sync wants A row-major
+    and B column-major fragments, hence the inversion for B."""
+    return transposed if operand == "A" else not transposed
+
+
+def ldmatrix_tile_shape(operand: str, transposed: bool) -> tuple[int, int]:
+    """(rows, cols) of the 16x16 shared tile of ``operand`` as stored."""
+    if operand == "A":
+        return (K_DIM, M_DIM) if transposed else (M_DIM, K_DIM)
+    return (N_DIM, K_DIM) if transposed else (K_DIM, N_DIM)
+
+
+def ldmatrix_smem_offset(tx, stride, transposed: bool):
+    """Element offset (from the tile's start, row stride ``stride``) of the row that lane ``tx``
+    hands to ``ldmatrix.x4``: lane ``8*i + r`` gives row ``r`` of 8x8 matrix ``i``. The four
+    matrices are the tile's quadrants, in the order the mma fragment registers expect."""
+    from tvm.runtime import convert
+
+    half = convert(WARP // 2)
+    if transposed:
+        return stride * 8 * (tx // half) + stride * (tx % 8) + 8 * ((tx % half) // 8)
+    return stride * (tx % half) + 8 * (tx // half)
+
+
 def _ldmatrix(dtype: str, operand: str, transposed: bool):
     """Shared (16x16, row-major in its own layout) -> warp fragment, via ``ldmatrix.x4``."""
     from tvm.runtime import convert
     from tvm.script import tirx as T
 
-    half = convert(WARP // 2)
-    if operand == "A":
-        trans_in_ldmatrix = transposed
-    else:
-        trans_in_ldmatrix = not transposed
-    rows, cols = (K_DIM, M_DIM) if transposed else (M_DIM, K_DIM)
-    if operand == "B":
-        rows, cols = (N_DIM, K_DIM) if transposed else (K_DIM, N_DIM)
-    if transposed:
+    trans_in_ldmatrix = ldmatrix_trans(operand, transposed)
+    rows, cols = ldmatrix_tile_shape(operand, transposed)
 
-        def smem_offset(tx, stride):
-            return stride * 8 * (tx // half) + stride * (tx % 8) + 8 * ((tx % half) // 8)
-
-    else:
-
-        def smem_offset(tx, stride):
-            return stride * (tx % half) + 8 * (tx // half)
+    def smem_offset(tx, stride):
+        return ldmatrix_smem_offset(tx, stride, transposed)
 
     @T.prim_func(s_tir=True)
     def desc(warp_handle: T.handle, shared_handle: T.handle) -> None:

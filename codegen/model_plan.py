@@ -21,7 +21,7 @@ from typing import Optional
 
 from .lstm_spec import LSTMSpec
 
-__all__ = ["PlanEntry", "ModelPlan", "plan_model"]
+__all__ = ["PlanEntry", "ModelPlan", "plan_model", "dtype_note"]
 
 
 @dataclass
@@ -38,6 +38,7 @@ class ModelPlan:
     lstms: list[LSTMSpec] = field(default_factory=list)
     entries: list[PlanEntry] = field(default_factory=list)
     sparsified_from_flags: bool = False
+    param_dtypes: list[str] = field(default_factory=list)  # parameter dtypes of the built LSTMs
 
     def table(self) -> str:
         rows = [(e.name, e.kind, f"{e.kernels} kernels" if e.built else "not built", e.reason) for e in self.entries]
@@ -118,11 +119,11 @@ def plan_model(model, batch: int, seq_len: int, dtype: Optional[str] = None, *, 
                                      num_layers=m.num_layers, bidirectional=m.bidirectional)
             if spec is not None and m.proj_size:
                 spec, why = None, f"proj_size={m.proj_size}: the kernels do not cover projected LSTMs yet (reference path)"
-            _add(plan, name, "SparseLSTM", spec, why)
+            _add(plan, name, "SparseLSTM", spec, why, module=m)
         elif isinstance(m, SparseLSTMCell):
             spec, why = _sparse_spec(name, m, m.input_size, m.hidden_size, batch, 1, dtype,
                                      m.structured_dropout, m.gate_sparsity)
-            _add(plan, name, "SparseLSTMCell", spec, why, per_step=True)
+            _add(plan, name, "SparseLSTMCell", spec, why, per_step=True, module=m)
         elif isinstance(m, SparseCellRegion):
             name = display_fqn(fqn.rpartition(".")[0])  # the user's module that holds the cell
             if m.canonical is None:
@@ -131,7 +132,7 @@ def plan_model(model, batch: int, seq_len: int, dtype: Optional[str] = None, *, 
                 continue
             spec, why = _sparse_spec(name, m, m.input_size, m.hidden_size, batch, 1, dtype,
                                      m.structured_dropout, m.gate_sparsity)
-            _add(plan, name, "hand-written cell", spec, why, per_step=True)
+            _add(plan, name, "hand-written cell", spec, why, per_step=True, module=m)
         elif isinstance(m, (nn.LSTM, nn.LSTMCell)):
             kind = "nn.LSTM" if isinstance(m, nn.LSTM) else "nn.LSTMCell"
             why = skipped.get(fqn) or ("dense (no sparsity config on it): runs on cuDNN/cuBLAS; pass "
@@ -170,10 +171,58 @@ def _get(model, fqn: str):
         return None
 
 
-def _add(plan: ModelPlan, name: str, kind: str, spec: Optional[LSTMSpec], why: str, per_step: bool = False) -> None:
+def _add(plan: ModelPlan, name: str, kind: str, spec: Optional[LSTMSpec], why: str, per_step: bool = False,
+         module=None) -> None:
     if spec is None:
         plan.entries.append(PlanEntry(name, kind, False, why))
         return
     plan.lstms.append(spec)
+    w = next(iter(module.parameters()), None) if module is not None else None
+    if w is not None and str(w.dtype).replace("torch.", "") not in plan.param_dtypes:
+        plan.param_dtypes.append(str(w.dtype).replace("torch.", ""))
     step = " (one step per call)" if per_step else ""
     plan.entries.append(PlanEntry(name, kind, True, why + step, kernels=len(spec.gemms())))
+
+
+_TENSOR_CORE = {"bfloat16": True, "float16": True, "float32": False}
+
+
+def dtype_note(built: list[str], requested: Optional[str], param_dtypes: list[str] = ()) -> str:
+    """One line for ``compile``: the dtype(s) of the GEMM kernels built, whether they run on
+    tensor cores, and -- where the model's parameters are float32 -- what ``torch.autocast``
+    training will run.
+
+    ``built``: the GEMM kernels' dtypes; ``requested``: ``--dtype`` (None: the model's own);
+    ``param_dtypes``: the parameter dtypes of the model's built LSTMs (empty for an LSTM spec).
+
+    What the run time does (``rnn_sparsify.kernels``; read from the code, not run on a GPU):
+    the GEMM backend is chosen per layer call by the dtype of the layer input
+    (``select_backend(device, x.dtype)``), and ``CudaKernelBackend`` takes a kernel only when
+    every operand has one dtype the bundle holds. CUDA autocast casts neither the weights nor
+    the input of the sparse LSTM (only the CPU path casts, to the parameters' dtype), so a
+    float32 model under autocast runs float32 kernels for a float32 input and the reference
+    path for an autocast-produced bfloat16/float16 input (float32 weights: mixed dtypes).
+    """
+    parts = []
+    for dt in sorted(set(built)):
+        how = "tensor cores (mma.sync m16n8k16, fp32 accumulation)" if _TENSOR_CORE.get(dt) else \
+            "SIMT FMA, no tensor cores"
+        parts.append(f"{dt} ({how})")
+    if not parts:
+        return ""
+    line = "built " + " and ".join(parts) + " GEMM kernels"
+    if requested is None and param_dtypes:
+        line += f", the model's parameter dtype ({', '.join(param_dtypes)})"
+    elif requested is None:
+        line += " (the default for an LSTM spec)"
+    float32_model = "float32" in param_dtypes
+    if float32_model and requested is None:
+        line += ("; under torch.autocast the weights stay float32 and the backend picks kernels by the LSTM "
+                 "input's dtype: a float32 input (e.g. from an embedding) runs these float32 kernels, an autocast "
+                 "one (bfloat16/float16) the reference torch path; bfloat16 tensor-core kernels (--dtype bfloat16) "
+                 "run only for a model converted with model.to(torch.bfloat16)")
+    elif float32_model and any(_TENSOR_CORE.get(dt) for dt in built):
+        line += (f"; the model's parameters are float32: these kernels run only after model.to(torch.{requested}) "
+                 "(inputs too); under torch.autocast the weights stay float32, so no kernel here matches and the "
+                 "sparse LSTM runs the reference torch path")
+    return line

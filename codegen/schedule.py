@@ -55,14 +55,19 @@ def _contiguous_inner(spec: IndexedGemm, operand: str) -> bool:
     return False
 
 
-def tensorcore(spec: IndexedGemm):
-    """Tensor-core schedule for fp16/bf16 specs; ``None`` for other dtypes."""
+def tensorcore(spec: IndexedGemm, intrins=tensor_core_intrins):
+    """Tensor-core schedule for fp16/bf16 specs; ``None`` for other dtypes.
+
+    ``intrins(dtype, a_trans, b_trans)`` gives the names of the five registered intrinsics to
+    tensorize with: the CUDA ones by default; :mod:`rnn_sparsify.codegen.emulate` passes scalar
+    stand-ins with the same descriptions to run this schedule on the CPU.
+    """
     if spec.dtype not in ("float16", "bfloat16"):
         return None
     from tvm import s_tir
 
     tile = spec.tile
-    names = tensor_core_intrins(spec.dtype, spec.a_trans, spec.b_trans)
+    names = intrins(spec.dtype, spec.a_trans, spec.b_trans)
     Mp, Np, Kp = spec.padded
     sch = s_tir.Schedule(spec.primfunc())
     block = sch.get_sblock("C")

@@ -270,8 +270,17 @@ def _model_backends(spec: str) -> list[str]:
                 ev = explain_eval(mod)
             else:
                 b, why = backend_choice(dev, dtype)
-                ev = "eval() runs the dense PyTorch path"
+                if mod is not None and getattr(mod, "weight_sparsity", None) is not None:
+                    from .kernels.eval_rules import explain_cuda
+
+                    ev = explain_cuda(mod)
+                else:
+                    ev = "eval() runs the dense PyTorch path"
             rows.append(f"  {name} ({e.kind}, {str(dtype).replace('torch.', '')}) on {dev}: {b} ({why}); {ev}")
+        if mod is not None and getattr(mod, "weight_sparsity", None) is not None:
+            from .kernels.eval_rules import explain
+
+            rows.append(f"  {name}: {explain(mod)}")  # the whole eval rule list, CUDA included
     return rows
 
 

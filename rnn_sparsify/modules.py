@@ -15,10 +15,11 @@ Path choice (``self.last_path`` records the one taken by the latest forward):
   GPU). In ``eval()`` the module therefore computes exactly what ``nn.LSTM`` computes.
 * ``"sparse"``: training with an active config -> the sparse autograd Functions of
   :mod:`rnn_sparsify.lstm_function` on the selected kernel backend.
-* ``"sparse_eval"`` / ``"persistent_eval"``: ``eval()`` of a weight-sparse ``SparseLSTM`` on
-  the CPU sparse kernels (:mod:`rnn_sparsify.kernels.cpu_sparse_eval`) or, on CUDA, the sparse
-  persistent kernels of a bundle (:mod:`rnn_sparsify.kernels.persistent_eval`); where they do
-  not apply, ``"dense"`` and ``last_eval_reason`` says why.
+* ``"persistent_eval"`` / ``"sparse_eval"``: ``eval()`` of a weight-sparse ``SparseLSTM``, by
+  the eval rule list of :mod:`rnn_sparsify.kernels.eval_rules`: on CUDA the sparse persistent
+  kernels of a bundle (:mod:`rnn_sparsify.kernels.persistent_eval`), on the CPU the sparse
+  kernels (:mod:`rnn_sparsify.kernels.cpu_sparse_eval`); where neither applies, ``"dense"``,
+  and ``last_eval_reason`` / ``last_eval_reasons`` say why.
 
 ``force_sparse_path=True`` runs the sparse Functions even when nothing is sparse (tests and
 benchmarks use it to compare the two paths).
@@ -216,20 +217,12 @@ class SparseLSTM(SparseMixin, nn.LSTM):
     def forward(self, input, hx=None):  # noqa: D401 - same contract as nn.LSTM.forward
         if not self._wants_sparse_path():
             if not self.training and getattr(self, "weight_sparsity", None) is not None:
-                if getattr(getattr(input, "data", input), "is_cuda", False):
-                    from .kernels.persistent_eval import sparse_persistent_forward
+                from .kernels.eval_rules import PERSISTENT, eval_forward
 
-                    out = sparse_persistent_forward(self, input, hx)
-                    if out is not None:
-                        self.last_path = "persistent_eval"
-                        return out
-                else:
-                    from .kernels.cpu_sparse_eval import sparse_eval_forward
-
-                    out = sparse_eval_forward(self, input, hx)
-                    if out is not None:
-                        self.last_path = "sparse_eval"
-                        return out
+                out = eval_forward(self, input, hx)  # the eval rule list; None: nn.LSTM
+                if out is not None:
+                    self.last_path = "persistent_eval" if self.last_eval_backend == PERSISTENT else "sparse_eval"
+                    return out
             self.last_path = "dense"
             return super().forward(input, hx)
         self.last_path = "sparse"

@@ -11,8 +11,9 @@ It computes the dense masked computation (``nn.LSTM`` on the same weights) with 
 products skipped, so the result differs from ``nn.LSTM`` only by float32 rounding (another
 summation order; the tests hold it to 2e-5 relative). Where it does not apply, or would not be
 faster, ``nn.LSTM.forward`` runs, exactly as before; ``module.last_eval_backend`` and
-``module.last_eval_reason`` say which ran and why (``rnn-sparsify explain`` / the docs list
-the rules):
+``module.last_eval_reason`` say which ran and why. It is rule 2 of the eval rule list
+(:mod:`.eval_rules`: CUDA persistent kernels, these, ``nn.LSTM``; ``rnn-sparsify env MODEL``
+prints it). It applies when:
 
 * the module carries weight-sparsity masks on ``W_hh`` and every masked matrix has at most
   :func:`density_limit` non-zeros for the batch (the measured break-even against nn.LSTM,

@@ -1,11 +1,13 @@
-"""A stand-in for LoadedBundle that runs each kernel's LLVM (CPU) build of the same algorithm,
-so the backend's check/allocate/launch/finish code is tested without a GPU."""
+"""A stand-in for LoadedBundle that runs each kernel's CUDA schedule on the CPU
+(:mod:`rnn_sparsify.codegen.emulate`: the tensor-core / SIMT schedule with scalar intrinsics and
+serial thread loops, built for LLVM), so the backend's check/allocate/launch/finish code is
+tested without a GPU, on the same tiling and fragment arithmetic the cubins use."""
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from rnn_sparsify.codegen import schedule
+from rnn_sparsify.codegen import emulate
 from rnn_sparsify.codegen.gemm_gather import problem_key
 
 
@@ -17,7 +19,7 @@ class EmulatedBundle:
         self.kernels = {}
         self.launches = 0
         for spec in specs:
-            fn = tvm.compile(schedule.cpu(spec).mod, target="llvm")[spec.name]
+            fn = emulate.build(spec)[spec.name]
             shapes = {n: (tuple(s), dt) for n, s, dt in spec.params()}
             self.kernels[spec.problem] = SimpleNamespace(
                 spec=spec, shapes=shapes, out_shape=shapes["C"][0], fn=fn,

@@ -1,6 +1,6 @@
 """The GPU backend's wrappers (index conversion, padding, alpha, dtype, scatter, fallback),
-run on the CPU with each kernel's LLVM build standing in for the cubin; against the
-reference backend."""
+run on the CPU with each kernel's CUDA schedule, emulated (codegen/emulate.py), standing in
+for the cubin; against the reference backend."""
 import pytest
 import torch
 
@@ -133,3 +133,14 @@ def test_default_wgrad_strategy_is_the_masked_dense_gemm_and_env_chooses(tvm, mo
     monkeypatch.setenv(WGRAD_ENV_VAR, "fast")
     with pytest.raises(ValueError, match="masked_dense, kernel"):
         CudaKernelBackend(bundle)
+
+
+def test_mixed_dtypes_take_no_kernel(backend):
+    """Under torch.autocast a float32 model's weights stay float32 while an activation may come
+    in float16: no kernel matches (``compile``'s dtype note for float32 models relies on it)."""
+    x, w, idx = _r(T, B, I), _r(4 * H, I).float(), _kept(I, 9)
+    before = dict(backend.paths["fwd_input"])
+    spec = lambda dt: GatherK(T=T, M=B, N=4 * H, K=I, k=9, dtype=dt)  # noqa: E731 - in the bundle as float16
+    assert backend._kernel("fwd_input", spec, (x, w)) is None
+    assert backend.paths["fwd_input"]["reference: dtype"] == before.get("reference: dtype", 0) + 1
+    assert backend._kernel("fwd_input", spec, (x, w.to(DT))) is not None  # one dtype: the kernel

@@ -1,7 +1,8 @@
 """The GPU backend with coarse gate-gradient slices (``block = P > 1``): the block-indexed
 kernels are used when the bundle has them, the single-row kernels or the reference otherwise;
 and a whole LSTM layer's training step on the kernels of ``LSTMSpec.gemms()`` against the
-reference backend. LLVM (CPU) builds stand in for the cubins."""
+reference backend. The kernels' CUDA schedules, emulated on the CPU (codegen/emulate.py), stand
+in for the cubins."""
 import pytest
 import torch
 

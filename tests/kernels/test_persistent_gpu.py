@@ -64,6 +64,7 @@ def test_persistent_kernel_matches_nn_lstm(H, B, dtype, layers, bidir, density, 
     with torch.inference_mode():
         out, (hn, cn) = m(x, (h0, c0))
     assert m.last_path == "persistent_eval", m.last_eval_reason
+    assert m.last_eval_reasons == [("tvm_cuda_persistent_eval", "used")]  # rule 1 of the eval rule list
     ref_m = nn.LSTM(H // 2, H, layers, bidirectional=bidir).double().cuda()
     ref_m.load_state_dict({k: v.double() for k, v in m.state_dict().items() if not k.endswith("_mask")})
     with torch.no_grad():
@@ -91,3 +92,7 @@ def test_no_matching_entry_falls_back_with_the_reason():
     with torch.inference_mode():
         m(torch.randn(4, 4, 24, device="cuda"))
     assert m.last_path == "dense" and "no persistent kernel" in m.last_eval_reason
+    # the eval rule list: the persistent rule says why, the CPU rule that the input is on CUDA
+    (p, why_p), (c, why_c), last = m.last_eval_reasons
+    assert (p, c, last) == ("tvm_cuda_persistent_eval", "tvm_cpu_sparse_eval", ("nn.LSTM", "used"))
+    assert "no persistent kernel" in why_p and "on CUDA" in why_c
