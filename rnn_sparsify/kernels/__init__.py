@@ -74,6 +74,27 @@ def _register_default_layer_rules() -> None:
     from .layer import register_layer_rule
 
     register_layer_rule("tvm_cpu", cpu_rule, first=False)
+    register_layer_rule("persistent_train", _persistent_train_rule, first=False)
+
+
+def _persistent_train_rule(problem):
+    """Imports the CUDA training loops only for a CUDA call (a CPU run never loads them)."""
+    if problem.device.type != "cuda":
+        return "not a CUDA device"
+    from .persistent_train import persistent_train_rule
+
+    return persistent_train_rule(problem)
+
+
+def _persistent_train_dry(problem):
+    if problem.device.type != "cuda":
+        return "not a CUDA device"
+    from .persistent_train import persistent_train_rule
+
+    return persistent_train_rule.dry(problem)
+
+
+_persistent_train_rule.dry = _persistent_train_dry
 
 
 _register_default_layer_rules()

@@ -161,8 +161,8 @@ class PersistentTrainLayerBackend(LayerBackend):
     ``launch_fwd``/``launch_bwd`` are the kernels' launch callables (:class:`TrainKernels` on a
     GPU, the CPU twins in the tests) for ``fwd_spec``/``bwd_spec``. Takes padded sequences
     (no packed batch sizes), no projection, ``plan.gate_sparsity`` None or coarse with the
-    kernel's ``(P, R, S)``, the kernel's kept count. No rule selects it yet (see
-    ``docs/persistent_kernels.md``)."""
+    kernel's ``(P, R, S)``, the kernel's kept count. :func:`persistent_train_rule` selects it on CUDA when the
+    configured bundle has kernels for the call (see ``docs/persistent_kernels.md``)."""
 
     name = "persistent_train"
 
@@ -231,8 +231,8 @@ class TrainKernels:
     """The persistent training entries of a bundle loaded on one CUDA device (cuda-bindings,
     no TVM): ``launcher(entry)`` gives the ``launch`` of :func:`layer_forward` /
     :func:`layer_backward` (``cuLaunchCooperativeKernel`` on torch's current stream, like
-    :class:`~rnn_sparsify.kernels.persistent_eval.PersistentKernels`). Not yet used by a
-    backend: the GPU test launches through it."""
+    :class:`~rnn_sparsify.kernels.persistent_eval.PersistentKernels`), used by
+    :func:`persistent_train_rule` and the GPU test."""
 
     def __init__(self, path, device: torch.device):
         from pathlib import Path
@@ -306,5 +306,104 @@ class TrainKernels:
         return launch
 
 
-__all__ = ["PersistentTrainLayerBackend", "TrainKernels", "cells", "gates", "layer_backward", "layer_forward", "pack_bwd_weights", "pack_fwd_weights", "pad_idx",
+# -- the layer-backend rule -------------------------------------------------------------
+_DT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_TRAIN_KERNELS: dict = {}  # (bundle path, device index) -> TrainKernels or the load error (str)
+
+
+def match_entries(entries, problem):
+    """The ``(fwd, bwd)`` manifest entries of a bundle that run ``problem`` (a
+    :class:`~rnn_sparsify.kernels.layer.LayerProblem`), or the reason none does: same hidden
+    size and dtype, batch and kept count within the kernels' (smaller batches and kept sets
+    are padded), the backward's fused coarse selection equal to the plan's (none: none).
+    Among several, the smallest kernels (batch, then kept count) win."""
+    if problem.packed or problem.proj_size:
+        return "packed sequences and projections are not supported by the persistent training loops"
+    if problem.gate_mode not in (None, "coarse"):
+        return f"{problem.gate_mode} gate-gradient selection is not fused in the persistent loops (coarse only)"
+    dt, H, B = _DT.get(problem.dtype), problem.hidden_size, problem.batch
+    k = H if problem.rec_keep is None else problem.rec_keep
+    coarse = tuple(problem.gate_coarse) if problem.gate_mode == "coarse" else ()
+
+    def fits(e):
+        sp = e.spec
+        return (sp["hidden_size"] == H and sp["dtype"] == dt and sp["batch"] >= B and sp["keep"] >= k
+                and (sp["part"] == "fwd" or tuple(sp.get("coarse") or ()) == coarse))
+
+    def key(e):
+        return e.spec["batch"], e.spec["keep"]
+
+    fwd = sorted((e for e in entries if e.spec.get("kind") == "persistent_train_fwd" and fits(e)), key=key)
+    bwd = sorted((e for e in entries if e.spec.get("kind") == "persistent_train_bwd" and fits(e)), key=key)
+    if not fwd or not bwd:
+        return (f"no persistent training kernels in the bundle for hidden {H}, batch <= their batch {B}, "
+                f"{k} kept units, {dt}, coarse {coarse or 'none'} (rnn-sparsify compile --persistent-train)")
+    return fwd[0], bwd[0]
+
+
+def _bundle_path():
+    from . import _configure_from_env
+    from .cuda_backend import _config
+
+    _configure_from_env(torch.device("cuda"))
+    return _config.get("path")
+
+
+def persistent_train_rule(problem):
+    """Layer-backend rule: the persistent training loops of the configured bundle
+    (``RNN_SPARSIFY_KERNELS`` / ``cuda_backend.use_bundle``) for a CUDA layer call whose shape,
+    dtype, dropout and coarse selection they were built for; else the reason (the per-step
+    GEMM composition runs). Predicted, not measured: faster than that composition (one launch
+    per layer and direction instead of a GEMM and ~10 element-wise kernels per step), 0.6-1.0x
+    of cuDNN's dense loop at 2x1500 (docs/persistent_kernels.md)."""
+    if problem.device_type != "cuda":
+        return "not a CUDA device"
+    if problem.func_transform:
+        return "inside a torch.func transform"
+    path = _bundle_path()
+    if path is None:
+        return "no kernel bundle (RNN_SPARSIFY_KERNELS or cuda_backend.use_bundle)"
+    from rnn_sparsify.codegen.manifest import Manifest
+
+    m = match_entries(Manifest.load(path).kernels, problem)
+    if isinstance(m, str):
+        return m
+    index = problem.device.index if problem.device.index is not None else torch.cuda.current_device()
+    kern = _TRAIN_KERNELS.get((str(path), index))
+    if kern is None:
+        try:
+            kern = TrainKernels(path, torch.device("cuda", index))
+        except Exception as e:  # no cuda-bindings, driver refusal, hash mismatch: the next rule
+            kern = f"the bundle's persistent training kernels could not be loaded: {type(e).__name__}: {e}"
+        _TRAIN_KERNELS[(str(path), index)] = kern
+    if isinstance(kern, str):
+        return kern
+    from rnn_sparsify.codegen.persistent_train import PersistentTrainSpec
+
+    fe, be = m
+    for e in (fe, be):
+        if e.key in kern.why:
+            return kern.why[e.key]
+    fs, bs = PersistentTrainSpec.from_dict(fe.spec), PersistentTrainSpec.from_dict(be.spec)
+    return PersistentTrainLayerBackend(fs, bs, kern.launcher(fe), kern.launcher(be))
+
+
+def _dry(problem):
+    """``persistent_train_rule`` without loading anything (reports, ``rnn-sparsify env``)."""
+    if problem.device_type != "cuda":
+        return "not a CUDA device"
+    path = _bundle_path()
+    if path is None:
+        return "no kernel bundle (RNN_SPARSIFY_KERNELS or cuda_backend.use_bundle)"
+    from rnn_sparsify.codegen.manifest import Manifest
+
+    m = match_entries(Manifest.load(path).kernels, problem)
+    return m if isinstance(m, str) else ("persistent_train", f"{m[0].symbol} + {m[1].symbol} (co-residency checked at load)")
+
+
+persistent_train_rule.dry = _dry
+
+
+__all__ = ["PersistentTrainLayerBackend", "TrainKernels", "cells", "gates", "layer_backward", "layer_forward", "pack_bwd_weights", "match_entries", "pack_fwd_weights", "pad_idx",
+           "persistent_train_rule",
            "twin_launcher", "weight_grads"]

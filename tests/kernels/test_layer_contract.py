@@ -28,6 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
 REF_VERDICT = ("per-step GEMMs (reference)", "used")
+PT_VERDICT = ("persistent_train", "not a CUDA device")  # the GPU training loops' rule, listed on the CPU too
 
 
 def prob(**kw):
@@ -72,7 +73,7 @@ def test_cpu_rule_declines_with_reason(kw, why):
 def test_switch_off_env(monkeypatch):
     monkeypatch.setenv("RNN_SPARSIFY_CPU_KERNELS", "0")
     be, verdicts = select_layer_backend(prob())
-    assert verdicts == [("tvm_cpu", "switched off by RNN_SPARSIFY_CPU_KERNELS=0"), REF_VERDICT]
+    assert verdicts == [("tvm_cpu", "switched off by RNN_SPARSIFY_CPU_KERNELS=0"), PT_VERDICT, REF_VERDICT]
     assert be.name == "reference"
 
 
@@ -220,7 +221,7 @@ def test_sparse_lstm_on_tvm_cpu_matches_reference(kind, monkeypatch):
     ref_out = _train_step(ref, x, seed=123, hx=hx)
     assert ref.last_backend == "reference"
     assert ref.last_backend_reasons == [("tvm_cpu", "switched off by RNN_SPARSIFY_CPU_KERNELS=0"),
-                                        REF_VERDICT]
+                                        PT_VERDICT, REF_VERDICT]
     _compare_models(m, ref, fast_out, ref_out)
 
 
@@ -273,7 +274,7 @@ def test_sparse_lstm_falls_back_with_reason(case):
     o = out.data if case == "packed" else out
     (o.sum() + h.sum()).backward()
     assert m.last_backend == "reference"
-    assert m.last_backend_reasons == [("tvm_cpu", why), REF_VERDICT]
+    assert m.last_backend_reasons == [("tvm_cpu", why), PT_VERDICT, REF_VERDICT]
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
 
 
@@ -352,7 +353,7 @@ def test_dry_selection_builds_and_loads_nothing(tmp_path, monkeypatch):
     name, verdicts = explain_lstm(SparseLSTM(24, 20, structured_dropout=StructuredDropout(0.5, 0.5),
                                              dtype=torch.float64))
     assert name == "reference"
-    assert verdicts == [("tvm_cpu", "dtype torch.float64 (the CPU kernels are float32)"), REF_VERDICT]
+    assert verdicts == [("tvm_cpu", "dtype torch.float64 (the CPU kernels are float32)"), PT_VERDICT, REF_VERDICT]
     name, verdicts = explain_lstm(SparseLSTM(24, 20))
     assert name == "nn.LSTM" and verdicts[0][0] == "dense"
     # the configs a report is about to apply, for a plain nn.LSTM (the module is not touched)
