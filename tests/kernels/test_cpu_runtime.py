@@ -212,8 +212,9 @@ def test_unwritable_cache_falls_back_with_one_warning(tmp_path, monkeypatch):
     assert "not writable" in msg and "reference" in msg
     for m in (m1, m2):
         assert m.last_backend == "reference"
-        (rule, why), last = m.last_backend_reasons
+        (rule, why), gpu, last = m.last_backend_reasons
         assert rule == "tvm_cpu" and why.startswith("CPU kernels unavailable:") and "not writable" in why
+        assert gpu == ("persistent_train", "not a CUDA device")
         assert last == ("per-step GEMMs (reference)", "used")
 
 
