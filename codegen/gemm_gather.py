@@ -108,6 +108,18 @@ class IndexedGemm:
         return (self.T, Mp, Np)
 
     @property
+    def ctas(self) -> int:
+        """CTAs of one launch of the CUDA schedules: one per ``bm x bn`` output tile and row of
+        ``out_shape`` (time step)."""
+        Mp, Np, _ = self.padded
+        return (Mp // self.tile.bm) * (Np // self.tile.bn) * self.out_shape[0]
+
+    @property
+    def k_stages(self) -> int:
+        """Serial ``bk``-wide K stages (shared-memory copy + mma) each CTA runs."""
+        return self.padded[2] // self.tile.bk
+
+    @property
     def flops(self) -> int:
         M, N, K = self.mnk
         return 2 * self.T * M * N * K
