@@ -24,7 +24,9 @@ k_in or k_h), by ``bwd_data_blockrows`` = ``BlockRowsData(S=4H/Mx, Mx, My=1, nb=
 kb=kept rows, K_w, k)`` and ``wgrad_blockrows`` = ``BlockRowsWgrad(S, Mx, 1, kept rows, B_pad,
 K_w, k)``, at row granularity (see :func:`fine_rows`), for the full batch ``B`` only.
 
-A GEMM with nothing sparse is dense and stays on cuBLAS (no spec).
+The per-step GEMMs (``T = 1``) get :func:`~.gemm_gather.per_step_tile` (small M tile, split-K
+to >= 132 CTAs); the sequence GEMMs the default tile. A GEMM with nothing sparse is dense and
+stays on cuBLAS (no spec).
 Pure Python: no TVM, no torch needed for :class:`LSTMSpec` itself.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import UnsupportedGemm
-from .gemm_gather import BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, IndexedGemm, WgradT
+from .gemm_gather import BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, IndexedGemm, WgradT, per_step_tile
 
 _DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
            "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
@@ -152,7 +154,8 @@ class LSTMSpec:
             if k_in is not None:
                 out.append(("fwd_input", GatherK(T=T, M=B, N=4 * H, K=I, k=k_in, dtype=dt)))
             if k_h is not None:
-                out.append(("fwd_recurrent", GatherK(T=1, M=B, N=4 * H, K=H, k=k_h, dtype=dt)))
+                out.append(("fwd_recurrent", GatherK(T=1, M=B, N=4 * H, K=H, k=k_h, dtype=dt,
+                                                     tile=per_step_tile(B, 4 * H, k_h))))
             if fine is not None:
                 for K, k in ((I, k_in), (H, k_h)):
                     out.append(("bwd_data_blockrows", BlockRowsData(K=K, k=k, dtype=dt, **fine)))
@@ -163,7 +166,8 @@ class LSTMSpec:
                 out.append(("bwd_data", GatherKN(T=T, M=B, Nw=4 * H, Kw=I, kc=kc, kn=k_in, dtype=dt, P=P)))
                 out.append(("wgrad", WgradT(T=T, B=B, kc=kc or 4 * H, K=I, k=k_in, dtype=dt)))
             if kc is not None or k_h is not None:
-                out.append(("bwd_data", GatherKN(T=1, M=B, Nw=4 * H, Kw=H, kc=kc, kn=k_h, dtype=dt, P=P)))
+                out.append(("bwd_data", GatherKN(T=1, M=B, Nw=4 * H, Kw=H, kc=kc, kn=k_h, dtype=dt, P=P,
+                                                 tile=per_step_tile(B, k_h or H, kc or 4 * H))))
                 out.append(("wgrad", WgradT(T=T, B=B, kc=kc or 4 * H, K=H, k=k_h, dtype=dt)))
         seen, unique = set(), []
         for method, spec in out:

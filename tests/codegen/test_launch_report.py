@@ -5,6 +5,7 @@ import math
 import pytest
 
 from rnn_sparsify.codegen import launch_report as lr
+from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, Tile, per_step_tile
 from rnn_sparsify.codegen.schedule import launch_dims, tensorcore
 
 SPECS = lr.readme_specs()
@@ -13,12 +14,48 @@ SPECS = lr.readme_specs()
 @pytest.mark.parametrize("name", list(SPECS))
 def test_ctas_match_the_schedule_grid(name):
     """``spec.ctas`` is the grid the tensor-core schedule's launch uses; ``k_stages`` the
-    padded reduction over ``bk``."""
+    padded reduction over ``bk``, cut in ``split_k`` slices that cover K exactly once."""
     for method, g in SPECS[name].gemms():
         grid, _ = launch_dims(g, tensorcore)
         assert g.ctas == math.prod(grid), (method, g)
-        M, N, K = g.mnk
-        assert g.k_stages == max(1, math.ceil(K / g.tile.bk)), (method, g)
+        _, _, K = g.mnk
+        S, bk = g.tile.split_k, g.tile.bk
+        assert g.k_stages == math.ceil(max(K, 1) / (bk * S)), (method, g)
+        assert g.k_slice * S == g.padded[2] >= K > g.k_slice * (S - 1), (method, g)  # no empty slice
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_per_step_kernels_fill_the_gpu(name):
+    """The per-step (T = 1) GEMMs launch >= 100 CTAs (132-SM H100, 108-SM A100); the sequence
+    GEMMs keep the default tile (unchanged by the per-step rule)."""
+    for method, g in SPECS[name].gemms():
+        if g.T == 1:
+            assert g.ctas >= 100, (method, g.ctas, g)
+            assert g.tile.bm < 64 or g.mnk[0] > 32, (method, g)  # batch 20 not in a 64-row tile
+        else:
+            assert g.tile == Tile(), (method, g)
+
+
+def test_readme_before_after():
+    """The numbers docs/codegen.md quotes (650/B20 and 1500/B20, default tile before)."""
+    got = {}
+    for name in ("650/B20", "1500/B20"):
+        for r in lr.launch_rows(SPECS[name]):
+            if r["T"] == 1:
+                got[name, r["method"]] = (r["ctas"], r["k_stages"], r["split_k"])
+    assert got == {("650/B20", "fwd_recurrent"): (164, 3, 4), ("650/B20", "bwd_data"): (126, 4, 21),
+                   ("1500/B20", "fwd_recurrent"): (188, 12, 2), ("1500/B20", "bwd_data"): (132, 18, 11)}
+    before = {n: (GatherK(T=1, M=20, N=4 * H, K=H, k=H // 2), GatherKN(T=1, M=20, Nw=4 * H, Kw=H, kc=None, kn=H // 2))
+              for n, H in (("650", 650), ("1500", 1500))}
+    assert [(f.ctas, f.k_stages, b.ctas, b.k_stages) for f, b in before.values()] == [(21, 11, 3, 82), (47, 24, 6, 188)]
+
+
+def test_per_step_tile_rule():
+    assert per_step_tile(4, 2600, 325) == Tile(bm=16, bn=64, bk=32, warps_m=1, warps_n=2, split_k=4)
+    assert per_step_tile(64, 6000, 750).split_k == 2  # 94 tiles: two slices reach 132
+    assert per_step_tile(20, 64, 40).split_k == 1  # 2 K stages: no slice below min_stages
+    t = per_step_tile(20, 325, 2600)
+    assert (t.bm, t.split_k) == (32, 21)
 
 
 def test_report_lists_every_gemm():
