@@ -62,3 +62,13 @@ def test_report_lists_every_gemm():
     text = lr.report()
     assert text.count("\n") == sum(len(s.gemms()) for s in SPECS.values())
     assert "fwd_recurrent" in text and "bwd_data" in text
+
+
+def test_one_step_spec_splits_the_input_gemms_too():
+    """A one-step spec (cells: ``seq_len = 1``) runs the input GEMMs per step as well."""
+    from rnn_sparsify.codegen.lstm_spec import LSTMSpec
+
+    spec = LSTMSpec(input_size=300, hidden_size=650, batch=20, seq_len=1,
+                    structured_dropout={"p_input": 0.5, "p_recurrent": 0.5})
+    got = {(m, g.mnk): g.ctas for m, g in spec.gemms() if g.kind in ("gather_k", "gather_kn")}
+    assert len(got) == 4 and min(got.values()) >= 100, got
