@@ -72,3 +72,21 @@ def test_one_step_spec_splits_the_input_gemms_too():
                     structured_dropout={"p_input": 0.5, "p_recurrent": 0.5})
     got = {(m, g.mnk): g.ctas for m, g in spec.gemms() if g.kind in ("gather_k", "gather_kn")}
     assert len(got) == 4 and min(got.values()) >= 100, got
+
+
+def test_split_tile_round_trips_and_unsplit_names_are_unchanged():
+    """A manifest's spec dict gives the split spec back (the loader's ``spec_from_dict``);
+    ``split_k = 1`` stays out of the dict, so unsplit kernels keep their names; the generators
+    without split-K refuse it."""
+    from rnn_sparsify.codegen.errors import UnsupportedGemm
+    from rnn_sparsify.codegen.gemm_gather import WgradT, spec_from_dict
+
+    for _, g in SPECS["650/B20"].gemms():
+        d = g.to_dict()
+        assert spec_from_dict(d) == g and spec_from_dict(d).out_shape == g.out_shape
+        assert ("split_k" in d["tile"]) == (g.tile.split_k > 1)
+    assert GatherK(T=1, M=20, N=2600, K=650, k=325).name == "gather_k_a0adaff9d0ea"  # as before split-K
+    with pytest.raises(UnsupportedGemm):
+        WgradT(T=2, B=8, kc=16, K=32, k=8, tile=Tile(split_k=2))
+    with pytest.raises(UnsupportedGemm):
+        Tile(split_k=0)
