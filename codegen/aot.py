@@ -24,7 +24,7 @@ from .gemm_gather import IndexedGemm
 from .lstm_spec import LSTMSpec
 from .manifest import KernelEntry, KernelParam, Manifest, content_hash, file_hash
 
-GENERATOR_VERSION = "1"  # bump when generated code changes for the same spec
+GENERATOR_VERSION = "2"  # bump when generated code changes for the same spec (2: split-K generators)
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 _SIG = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\((\d+)\) )?(\w+)\(([^)]*)\)')
 _PARAM = re.compile(r"^\s*(?:const\s+)?([\w:]+)\s*\*?\s*(?:__restrict__\s+)?(\w+)\s*$")

@@ -46,15 +46,24 @@ def _ceil_to(x: int, m: int) -> int:
 class Tile:
     """CTA tile ``bm x bn`` with a ``bk`` slice of the reduction per shared-memory stage, split
     over ``warps_m x warps_n`` warps (each warp owns ``bm/warps_m x bn/warps_n``, in 16x16
-    mma fragments)."""
+    mma fragments).
+
+    ``split_k`` (split-K, :class:`GatherK` and :class:`GatherKN` only): the padded reduction is
+    cut into ``split_k`` equal slices of whole ``bk`` stages, one CTA per (tile, step, slice);
+    each writes its fp32 partial product to its own row of the output, ``C`` is
+    ``(T * split_k, Mp, Np)`` with row ``t * split_k + s`` = slice ``s`` of step ``t``, and the
+    caller sums the ``split_k`` partials of a step (no atomics: deterministic)."""
 
     bm: int = 64
     bn: int = 128
     bk: int = 32
     warps_m: int = 2
     warps_n: int = 2
+    split_k: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.split_k, int) or isinstance(self.split_k, bool) or self.split_k < 1:
+            raise UnsupportedGemm(f"Tile.split_k must be a positive int, got {self.split_k!r}")
         for name in ("bm", "bn", "bk"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v % 16:
@@ -78,6 +87,7 @@ class IndexedGemm:
     """
 
     kind: ClassVar[str] = ""
+    splittable: ClassVar[bool] = False  # takes Tile.split_k > 1
     a_trans: ClassVar[bool] = False  # A tile stored [k, m] in shared memory
     b_trans: ClassVar[bool] = False  # B tile stored [n, k]
 
@@ -90,6 +100,8 @@ class IndexedGemm:
                 raise UnsupportedGemm(f"{type(self).__name__}.{name} must be a non-negative int, got {v!r}")
         if self.T < 1:
             raise UnsupportedGemm(f"{type(self).__name__}.T must be >= 1, got {self.T}")
+        if self.tile.split_k > 1 and not self.splittable:
+            raise UnsupportedGemm(f"{type(self).__name__}: no split-K (Tile.split_k={self.tile.split_k})")
 
     # -- sizes ---------------------------------------------------------------------------
     @property
@@ -100,12 +112,29 @@ class IndexedGemm:
     def padded(self) -> tuple[int, int, int]:
         M, N, K = self.mnk
         t = self.tile
-        return _ceil_to(M, t.bm), _ceil_to(N, t.bn), _ceil_to(K, t.bk)
+        return _ceil_to(M, t.bm), _ceil_to(N, t.bn), _ceil_to(K, t.bk * t.split_k)
+
+    @property
+    def k_slice(self) -> int:
+        """Padded reduction length of one CTA: ``Kp / split_k`` (a multiple of ``bk``)."""
+        return self.padded[2] // self.tile.split_k
 
     @property
     def out_shape(self) -> tuple[int, int, int]:
         Mp, Np, _ = self.padded
-        return (self.T, Mp, Np)
+        return (self.T * self.tile.split_k, Mp, Np)
+
+    @property
+    def ctas(self) -> int:
+        """CTAs of one launch of the CUDA schedules: one per ``bm x bn`` output tile and row of
+        ``out_shape`` (time step)."""
+        Mp, Np, _ = self.padded
+        return (Mp // self.tile.bm) * (Np // self.tile.bn) * self.out_shape[0]
+
+    @property
+    def k_stages(self) -> int:
+        """Serial ``bk``-wide K stages (shared-memory copy + mma) each CTA runs."""
+        return self.k_slice // self.tile.bk
 
     @property
     def flops(self) -> int:
@@ -122,6 +151,8 @@ class IndexedGemm:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if d["tile"].get("split_k") == 1:  # the default: names of unsplit kernels unchanged
+            del d["tile"]["split_k"]
         return {"kind": self.kind, **d}
 
     @property
@@ -163,12 +194,46 @@ class IndexedGemm:
             return value
         return tirx.if_then_else(tirx.all(*conds) if len(conds) > 1 else conds[0], value, self._zero())
 
+    def _slice(self, tt, r):
+        """``(step, K position)`` of row ``tt`` of ``out_shape`` and position ``r`` of its K
+        slice: ``(tt // split_k, (tt % split_k) * k_slice + r)``."""
+        S = self.tile.split_k
+        if S == 1:
+            return tt, r
+        return tt // S, (tt % S) * self.k_slice + r
+
     @staticmethod
     def _pos(idx, t, j, P: int):
         """Source position of logical position ``j`` at step ``t``: ``idx[t, j // P] * P + j % P``."""
         if P == 1:
             return idx[t, j]
         return idx[t, j // P] * P + j % P
+
+
+# Per-step GEMMs (T = 1: the recurrent forward and the dh backward-data of one time step) run
+# once per step and layer, on a batch of 4-64 rows; with the sequence tile (64 x 128, no split)
+# they launch 3-47 CTAs (docs/codegen.md, "Known limits"). Their tile instead: the smallest
+# M tile that holds the batch, 64-column N tiles, and split-K up to PER_STEP_TARGET_CTAS
+# (>= one CTA per SM on an H100: 132; A100: 108), keeping >= PER_STEP_MIN_STAGES K stages
+# per CTA.
+PER_STEP_TARGET_CTAS = 132
+PER_STEP_MIN_STAGES = 2
+
+
+def per_step_tile(M: int, N: int, K: int, target_ctas: int = PER_STEP_TARGET_CTAS,
+                  min_stages: int = PER_STEP_MIN_STAGES) -> Tile:
+    """Tile of a one-step GEMM ``(M, N, K)`` (``M`` = batch): ``bm`` = 16, 32 or 64 (the
+    smallest >= M, 64 above), ``bn`` = 64, ``bk`` = 32, and ``split_k`` slices of
+    ``ceil(stages / wanted)`` K stages each (at least ``min_stages``), ``wanted`` =
+    ``ceil(target_ctas / tiles)``; every slice holds at least one stage of real K (none is
+    all padding), so the count can land a little under ``wanted``."""
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    bn, bk = 64, 32
+    tiles = math.ceil(max(M, 1) / bm) * math.ceil(max(N, 1) / bn)
+    stages = math.ceil(max(K, 1) / bk)
+    per = max(min_stages, math.ceil(stages / math.ceil(target_ctas / tiles)))
+    split = max(1, math.ceil(stages / per))
+    return Tile(bm=bm, bn=bn, bk=bk, warps_m=1 if bm == 16 else 2, warps_n=2, split_k=split)
 
 
 def _check_gather(owner: str, what: str, kept: int, src: int, P: int) -> None:
@@ -199,6 +264,7 @@ class GatherK(IndexedGemm):
     tile: Tile = field(default_factory=Tile)
 
     kind: ClassVar[str] = "gather_k"
+    splittable: ClassVar[bool] = True
     b_trans: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -222,23 +288,19 @@ class GatherK(IndexedGemm):
         M, N, k = self.mnk
         Mp, Np, Kp = self.padded
         P = self.P
-        Ag = te.compute(
-            (self.T, Mp, Kp),
-            lambda t, m, j: self._guard(
-                [m < M if Mp != M else None, j < k if Kp != k else None], A[t, m, self._pos(idx, t, j, P)]
-            ),
-            name="A_g",
-        )
-        Bg = te.compute(
-            (self.T, Np, Kp),
-            lambda t, n, j: self._guard(
-                [n < N if Np != N else None, j < k if Kp != k else None], W[n, self._pos(idx, t, j, P)]
-            ),
-            name="B_g",
-        )
-        r = te.reduce_axis((0, Kp), name="r")
+        TS, Ks = self.out_shape[0], self.k_slice
+
+        def a(t, m, j):
+            return self._guard([m < M if Mp != M else None, j < k if Kp != k else None], A[t, m, self._pos(idx, t, j, P)])
+
+        def w(t, n, j):
+            return self._guard([n < N if Np != N else None, j < k if Kp != k else None], W[n, self._pos(idx, t, j, P)])
+
+        Ag = te.compute((TS, Mp, Ks), lambda tt, m, r: a(self._slice(tt, r)[0], m, self._slice(tt, r)[1]), name="A_g")
+        Bg = te.compute((TS, Np, Ks), lambda tt, n, r: w(self._slice(tt, r)[0], n, self._slice(tt, r)[1]), name="B_g")
+        r = te.reduce_axis((0, Ks), name="r")
         return te.compute(
-            (self.T, Mp, Np),
+            (TS, Mp, Np),
             lambda t, m, n: te.sum(Ag[t, m, r].astype("float32") * Bg[t, n, r].astype("float32"), axis=r),
             name="C",
         )
@@ -266,6 +328,7 @@ class GatherKN(IndexedGemm):
     tile: Tile = field(default_factory=Tile)
 
     kind: ClassVar[str] = "gather_kn"
+    splittable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -301,23 +364,19 @@ class GatherKN(IndexedGemm):
         def col(t, n):
             return n if self.kn is None else self._pos(b["cols"], t, n, self.Q)
 
-        Ag = te.compute(
-            (self.T, Mp, Kp),
-            lambda t, m, j: self._guard(
-                [m < M if Mp != M else None, j < K if Kp != K else None], G[t, m, j]
-            ),
-            name="A_g",
-        )
-        Bg = te.compute(
-            (self.T, Kp, Np),
-            lambda t, j, n: self._guard(
-                [j < K if Kp != K else None, n < N if Np != N else None], W[row(t, j), col(t, n)]
-            ),
-            name="B_g",
-        )
-        r = te.reduce_axis((0, Kp), name="r")
+        TS, Ks = self.out_shape[0], self.k_slice
+
+        def g(t, m, j):
+            return self._guard([m < M if Mp != M else None, j < K if Kp != K else None], G[t, m, j])
+
+        def w(t, j, n):
+            return self._guard([j < K if Kp != K else None, n < N if Np != N else None], W[row(t, j), col(t, n)])
+
+        Ag = te.compute((TS, Mp, Ks), lambda tt, m, r: g(self._slice(tt, r)[0], m, self._slice(tt, r)[1]), name="A_g")
+        Bg = te.compute((TS, Ks, Np), lambda tt, r, n: w(*self._slice(tt, r), n), name="B_g")
+        r = te.reduce_axis((0, Ks), name="r")
         return te.compute(
-            (self.T, Mp, Np),
+            (TS, Mp, Np),
             lambda t, m, n: te.sum(Ag[t, m, r].astype("float32") * Bg[t, r, n].astype("float32"), axis=r),
             name="C",
         )

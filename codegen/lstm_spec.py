@@ -24,7 +24,10 @@ k_in or k_h), by ``bwd_data_blockrows`` = ``BlockRowsData(S=4H/Mx, Mx, My=1, nb=
 kb=kept rows, K_w, k)`` and ``wgrad_blockrows`` = ``BlockRowsWgrad(S, Mx, 1, kept rows, B_pad,
 K_w, k)``, at row granularity (see :func:`fine_rows`), for the full batch ``B`` only.
 
-A GEMM with nothing sparse is dense and stays on cuBLAS (no spec).
+The per-step GEMMs (``T = 1``: the recurrent ones, and the input ones of a one-step spec)
+get :func:`~.gemm_gather.per_step_tile` (small M tile, split-K
+to >= 132 CTAs); the sequence GEMMs the default tile. A GEMM with nothing sparse is dense and
+stays on cuBLAS (no spec).
 Pure Python: no TVM, no torch needed for :class:`LSTMSpec` itself.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import UnsupportedGemm
-from .gemm_gather import BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, IndexedGemm, WgradT
+from .gemm_gather import BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, IndexedGemm, WgradT, per_step_tile
 
 _DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
            "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
@@ -144,15 +147,21 @@ class LSTMSpec:
         P = gate_block(self.gate_sparsity)
         fine = fine_rows(H, B, self.gate_sparsity)
         out: list[tuple[str, IndexedGemm]] = []
+
+        def step_tile(M, N, K):  # the input GEMMs are per-step too in a one-step spec (cells)
+            return {"tile": per_step_tile(M, N, K)} if T == 1 else {}
+
         dirs = 2 if self.bidirectional else 1
         for layer in range(self.num_layers):
             I = self.input_size if layer == 0 else H * dirs
             k_in = _kept(I, p_in) if p_in > 0 else None
             k_h = _kept(H, p_h) if p_h > 0 else None
             if k_in is not None:
-                out.append(("fwd_input", GatherK(T=T, M=B, N=4 * H, K=I, k=k_in, dtype=dt)))
+                out.append(("fwd_input", GatherK(T=T, M=B, N=4 * H, K=I, k=k_in, dtype=dt,
+                                                 **step_tile(B, 4 * H, k_in))))
             if k_h is not None:
-                out.append(("fwd_recurrent", GatherK(T=1, M=B, N=4 * H, K=H, k=k_h, dtype=dt)))
+                out.append(("fwd_recurrent", GatherK(T=1, M=B, N=4 * H, K=H, k=k_h, dtype=dt,
+                                                     tile=per_step_tile(B, 4 * H, k_h))))
             if fine is not None:
                 for K, k in ((I, k_in), (H, k_h)):
                     out.append(("bwd_data_blockrows", BlockRowsData(K=K, k=k, dtype=dt, **fine)))
@@ -160,10 +169,12 @@ class LSTMSpec:
                         S=fine["S"], Mx=fine["Mx"], My=1, kb=fine["kb"], n_rows=fine["nb"], K=K, k=k, dtype=dt)))
                 continue
             if kc is not None or k_in is not None:
-                out.append(("bwd_data", GatherKN(T=T, M=B, Nw=4 * H, Kw=I, kc=kc, kn=k_in, dtype=dt, P=P)))
+                out.append(("bwd_data", GatherKN(T=T, M=B, Nw=4 * H, Kw=I, kc=kc, kn=k_in, dtype=dt, P=P,
+                                                 **step_tile(B, k_in or I, kc or 4 * H))))
                 out.append(("wgrad", WgradT(T=T, B=B, kc=kc or 4 * H, K=I, k=k_in, dtype=dt)))
             if kc is not None or k_h is not None:
-                out.append(("bwd_data", GatherKN(T=1, M=B, Nw=4 * H, Kw=H, kc=kc, kn=k_h, dtype=dt, P=P)))
+                out.append(("bwd_data", GatherKN(T=1, M=B, Nw=4 * H, Kw=H, kc=kc, kn=k_h, dtype=dt, P=P,
+                                                 tile=per_step_tile(B, k_h or H, kc or 4 * H))))
                 out.append(("wgrad", WgradT(T=T, B=B, kc=kc or 4 * H, K=H, k=k_h, dtype=dt)))
         seen, unique = set(), []
         for method, spec in out:

@@ -4,7 +4,7 @@
   blocks become the global->shared copies (``compute_at`` the K loop: the indexed load *is*
   the copy), shared->register through ``ldmatrix``, ``mma.sync.m16n8k16``, fp32 fragments
   stored to the padded output. One CTA per ``(bm x bn)`` tile and time step
-  (``blockIdx.x`` = tile, ``blockIdx.y`` = step).
+  (``blockIdx.x`` = tile, ``blockIdx.y`` = step, or step x split-K slice: ``Tile.split_k``).
 * :func:`simt` -- CUDA, float32: the same two-stage algorithm with shared-memory tiles and a
   register tile per thread (no tensor cores: the model is float32).
 * :func:`cpu` -- LLVM: the function as written (the reference algorithm for tests).
@@ -82,7 +82,7 @@ def tensorcore(spec: IndexedGemm, intrins=tensor_core_intrins):
     fm, fn = tile.bm // 16 // tile.warps_m, tile.bn // 16 // tile.warps_n
     i0, i2, i3 = sch.split(i, factors=[Mp // tile.bm, tile.warps_m, fm])
     j0, j2, j3 = sch.split(j, factors=[Np // tile.bn, tile.warps_n, fn])
-    k0, k1 = sch.split(k, factors=[Kp // tile.bk, tile.bk // 16])
+    k0, k1 = sch.split(k, factors=[spec.k_slice // tile.bk, tile.bk // 16])
     sch.reorder(i0, j0, t, j2, i2, k0, k1, i3, j3)
     sch.bind(sch.fuse(i0, j0), "blockIdx.x")
     sch.bind(t, "blockIdx.y")
@@ -149,7 +149,7 @@ def simt(spec: IndexedGemm):
         return None
     i0, i1, i2 = sch.split(i, factors=[Mp // tile.bm, ty_n, tile.bm // ty_n])
     j0, j1, j2 = sch.split(j, factors=[Np // tile.bn, tx_n, tile.bn // tx_n])
-    k0, k1 = sch.split(k, factors=[Kp // tile.bk, tile.bk])
+    k0, k1 = sch.split(k, factors=[spec.k_slice // tile.bk, tile.bk])
     sch.reorder(i0, j0, t, i1, j1, k0, k1, i2, j2)
     sch.bind(sch.fuse(i0, j0), "blockIdx.x")
     sch.bind(t, "blockIdx.y")
@@ -183,7 +183,7 @@ def launch_dims(spec: IndexedGemm, rule) -> tuple[tuple[int, int, int], tuple[in
     """``(grid, block)`` of the kernel that ``rule`` makes for ``spec`` (its thread bindings)."""
     Mp, Np, _ = spec.padded
     tile = spec.tile
-    grid = ((Mp // tile.bm) * (Np // tile.bn), spec.T, 1)
+    grid = ((Mp // tile.bm) * (Np // tile.bn), spec.out_shape[0], 1)  # y: step (x split-K slice)
     if rule is tensorcore:
         return grid, (32, tile.warps_m * tile.warps_n, 1)
     return grid, (SIMT_THREADS[1], SIMT_THREADS[0], 1)

@@ -13,8 +13,9 @@ per method, which path ran (``"kernel"`` or ``"reference: <reason>"``); :func:`e
 ahead of a run which path each GEMM of an LSTM will take.
 
 Kernel wrappers check, allocate, launch: they check operands (device, dtype, contiguity),
-allocate the padded fp32 product, launch on the current stream, then return the logical view
-cast to the input dtype (alpha folded in), exactly like the reference methods.
+allocate the padded fp32 product, launch on the current stream (a split-K kernel's partials
+are summed), then return the logical view cast to the input dtype (alpha folded in), exactly
+like the reference methods.
 """
 from __future__ import annotations
 
@@ -133,9 +134,15 @@ class CudaKernelBackend(ReferenceBackend):
         return idx.to(torch.int32).contiguous()
 
     def _run(self, kernel, **args: Tensor) -> Tensor:
+        """Launch; the padded fp32 product ``(T, Mp, Np)``. A split-K kernel (``Tile.split_k`` =
+        S > 1) writes ``(T * S, Mp, Np)`` partials (row ``t * S + s``): summed here over ``s``
+        in fp32 (one torch reduction; deterministic, no atomics)."""
         out = torch.empty(kernel.out_shape, device=self.bundle.device, dtype=torch.float32)
         args = {k: v.contiguous() for k, v in args.items()}
         self.bundle.launch(kernel, {**args, "C": out})
+        S = kernel.spec.tile.split_k
+        if S > 1:
+            out = out.view(-1, S, *out.shape[1:]).sum(1)
         return out
 
     @staticmethod

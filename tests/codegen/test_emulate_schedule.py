@@ -85,6 +85,14 @@ def _run_emulated(tvm, spec, inputs):
     return args[-1].numpy()
 
 
+def _summed(spec, C):
+    """The ``(T, Mp, Np)`` product from a split-K kernel's ``(T * S, Mp, Np)`` partials (row
+    ``t * S + s``), summed in fp32 as ``CudaKernelBackend._run`` does; unsplit: ``C``."""
+    S = spec.tile.split_k
+    assert C.shape == spec.out_shape
+    return C.reshape(spec.T, S, *C.shape[1:]).sum(1, dtype=np.float32) if S > 1 else C
+
+
 # Every kind the generator emits (lstm_spec: fwd_input, fwd_recurrent, bwd_data (dx, dh),
 # wgrad, bwd_data_blockrows, wgrad_blockrows), both 16-bit dtypes, both operand layouts of
 # each family (GatherK: B stored [n, k]; WgradT / BlockRowsWgrad: A stored [k, m]), ragged and
@@ -110,12 +118,24 @@ SPECS = {
     "blockrows_data_fp16_rows": BlockRowsData(S=10, Mx=4, My=1, nb=24, kb=16, K=30, k=None, dtype="float16"),
     "blockrows_wgrad_fp16_rows": BlockRowsWgrad(S=10, Mx=4, My=1, kb=16, n_rows=24, K=20, k=9, dtype="float16"),
     "blockrows_wgrad_bf16_mx16": BlockRowsWgrad(S=3, Mx=16, My=4, kb=3, n_rows=20, K=12, k=None, dtype="bfloat16"),
+    # split-K (Tile.split_k, the per-step kernels' tiles): one CTA per K slice, partials summed;
+    # ragged K with the last slice part padding, a sequence (T > 1: step = row // S), SIMT
+    "fwd_recurrent_fp16_split_k3": GatherK(T=1, M=20, N=150, K=72, k=40, dtype="float16",
+                                           tile=Tile(bm=32, bn=64, bk=16, warps_m=2, warps_n=2, split_k=3)),
+    "bwd_data_dh_bf16_split_k4": GatherKN(T=1, M=13, Nw=120, Kw=30, kc=None, kn=7, dtype="bfloat16",
+                                          tile=Tile(bm=16, bn=64, bk=16, warps_m=1, warps_n=2, split_k=4)),
+    "bwd_data_bf16_coarse_seq_split_k2": GatherKN(T=2, M=20, Nw=64, Kw=48, kc=16, kn=24, P=4, dtype="bfloat16",
+                                                  tile=Tile(bm=32, bn=32, bk=16, warps_m=2, warps_n=1, split_k=2)),
+    "fwd_bf16_aligned_vec_split_k2": GatherK(T=1, M=64, N=128, K=128, k=64, P=8, dtype="bfloat16",
+                                             tile=Tile(bm=64, bn=64, bk=16, warps_m=2, warps_n=2, split_k=2)),
     # float32 models: the SIMT schedule (shared tiles, a register tile per thread)
     "fwd_fp32_simt": GatherK(T=2, M=20, N=72, K=40, k=18, dtype="float32"),
     "bwd_data_fp32_simt": GatherKN(T=2, M=6, Nw=24, Kw=20, kc=12, kn=10, dtype="float32"),
     "wgrad_fp32_simt": WgradT(T=2, B=6, kc=10, K=12, k=5, dtype="float32"),
     "blockrows_data_fp32_simt": BlockRowsData(S=4, Mx=8, My=2, nb=3, kb=3, K=10, k=4, dtype="float32"),
     "blockrows_wgrad_fp32_simt": BlockRowsWgrad(S=10, Mx=4, My=8, kb=2, n_rows=24, K=48, k=None, dtype="float32"),
+    "fwd_fp32_simt_split_k2": GatherK(T=2, M=20, N=72, K=40, k=18, dtype="float32",
+                                      tile=Tile(bm=32, bn=64, bk=16, split_k=2)),
 }
 
 
@@ -124,7 +144,7 @@ def test_cuda_schedule_on_cpu(tvm, name):
     spec = SPECS[name]
     rng = np.random.default_rng(secrets.randbits(32))
     inputs, expect, K = _case(rng, spec)
-    _check(spec, _run_emulated(tvm, spec, inputs), expect, K)
+    _check(spec, _summed(spec, _run_emulated(tvm, spec, inputs)), expect, K)
 
 
 def test_every_emitted_kind_is_covered():
@@ -183,11 +203,39 @@ def test_planted_bug_fails(tvm, monkeypatch, bug, name):
     rng = np.random.default_rng(secrets.randbits(32))
     inputs, expect, K = _case(rng, spec)
     M, N, _ = spec.mnk
-    C = _run_emulated(tvm, spec, inputs)[:, :M, :N]
+    C = _summed(spec, _run_emulated(tvm, spec, inputs))[:, :M, :N]
     err = np.nanmax(np.abs(C - expect)) if np.isfinite(C).any() else np.inf
     # a correct kernel is within ~1e-5 * K here (test_cuda_schedule_on_cpu); a broken one is
     # off by the size of the products themselves
     assert not np.isfinite(C).all() or err > 0.1 * np.abs(expect).max(), f"{bug}: max|err| {err:.2e} went unnoticed"
+
+
+def _overlapping_slices(good):
+    def slice_(self, tt, r):  # slice s starts one bk stage early: stages overlap, the last is lost
+        t, j = good(self, tt, r)
+        S = self.tile.split_k
+        return t, j - (tt % S) * self.tile.bk if S > 1 else j
+
+    return slice_
+
+
+@pytest.mark.parametrize("name", ["fwd_recurrent_fp16_split_k3", "bwd_data_dh_bf16_split_k4"])
+def test_planted_split_k_offset_bug_fails(tvm, monkeypatch, name):
+    """A K-slice offset off by one ``bk`` stage (slices overlap, the last stage is never
+    read) fails the float64 comparison; so does summing only the first slice's partial."""
+    from rnn_sparsify.codegen.gemm_gather import IndexedGemm
+
+    spec = SPECS[name]
+    rng = np.random.default_rng(secrets.randbits(32))
+    inputs, expect, K = _case(rng, spec)
+    M, N, _ = spec.mnk
+    good = _run_emulated(tvm, spec, inputs)
+    first_only = good.reshape(spec.T, spec.tile.split_k, *good.shape[1:])[:, 0, :M, :N]
+    assert np.abs(first_only - expect).max() > 0.1 * np.abs(expect).max()
+    monkeypatch.setattr(IndexedGemm, "_slice", _overlapping_slices(IndexedGemm._slice))
+    C = _summed(spec, _run_emulated(tvm, spec, inputs))[:, :M, :N]
+    err = np.abs(C - expect).max()
+    assert err > 0.1 * np.abs(expect).max(), f"overlapping K slices: max|err| {err:.2e} went unnoticed"
 
 
 # -- production shapes (slow: T = 35, H = 650) -------------------------------------------
@@ -220,4 +268,4 @@ def test_production_shapes_on_cpu(tvm, name):
     spec = PRODUCTION[name]
     rng = np.random.default_rng(secrets.randbits(32))
     inputs, expect, K = _case(rng, spec)
-    _check(spec, _run_emulated(tvm, spec, inputs), expect, K)
+    _check(spec, _summed(spec, _run_emulated(tvm, spec, inputs)), expect, K)

@@ -2,7 +2,7 @@
 import pytest
 
 from rnn_sparsify.codegen.errors import UnsupportedGemm
-from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, WgradT
+from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, WgradT, per_step_tile
 from rnn_sparsify.codegen.lstm_spec import LSTMSpec, kept_gate_columns, specs_from_model
 
 
@@ -12,9 +12,11 @@ def test_dropout_only_lstm():
     got = dict((type(sp), []) for _, sp in s.gemms())
     pairs = s.gemms()
     assert ("fwd_input", GatherK(T=35, M=64, N=2048, K=512, k=256)) in pairs
-    assert ("fwd_recurrent", GatherK(T=1, M=64, N=2048, K=512, k=256)) in pairs
+    assert ("fwd_recurrent", GatherK(T=1, M=64, N=2048, K=512, k=256,
+                                          tile=per_step_tile(64, 2048, 256))) in pairs
     assert ("bwd_data", GatherKN(T=35, M=64, Nw=2048, Kw=512, kc=None, kn=256)) in pairs
-    assert ("bwd_data", GatherKN(T=1, M=64, Nw=2048, Kw=512, kc=None, kn=256)) in pairs
+    assert ("bwd_data", GatherKN(T=1, M=64, Nw=2048, Kw=512, kc=None, kn=256,
+                                      tile=per_step_tile(64, 256, 2048))) in pairs
     assert ("wgrad", WgradT(T=35, B=64, kc=2048, K=512, k=256)) in pairs
     # input and hidden sizes equal: the ih and hh weight-gradient GEMMs are one kernel
     assert len(pairs) == 5 and set(got) == {GatherK, GatherKN, WgradT}
@@ -58,7 +60,8 @@ def test_specs_from_model():
     model = torch.nn.Sequential(torch.nn.Linear(3, 8), SparseLSTM(8, 16, structured_dropout=StructuredDropout(0.5, 0.25)))
     (spec,) = specs_from_model(model, batch=4, seq_len=7)
     assert spec.name == "1" and spec.dtype == "float32" and spec.structured_dropout["p_recurrent"] == 0.25
-    assert ("fwd_recurrent", GatherK(T=1, M=4, N=64, K=16, k=12, dtype="float32")) in spec.gemms()
+    assert ("fwd_recurrent", GatherK(T=1, M=4, N=64, K=16, k=12, dtype="float32",
+                                              tile=per_step_tile(4, 64, 12))) in spec.gemms()
 
 
 def test_fine_gate_sparsity_uses_blockrows_kernels():

@@ -4,13 +4,17 @@ for the cubin; against the reference backend."""
 import pytest
 import torch
 
-from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, WgradT
+from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, Tile, WgradT
 from rnn_sparsify.kernels import REFERENCE
 
 pytestmark = pytest.mark.tvm
 
 T, B, I, H = 4, 6, 20, 12
 DT = torch.float16
+# the per-step kernels split-K (partials summed by the wrapper): fwd_recurrent K = 5 in two
+# slices of 16 (the second all padding), dh bwd_data K = 4H = 48 in three slices of 16
+SPLIT2 = Tile(bm=16, bn=32, bk=16, warps_m=1, warps_n=2, split_k=2)
+SPLIT3 = Tile(bm=16, bn=32, bk=16, warps_m=1, warps_n=2, split_k=3)
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +25,9 @@ def backend(tvm):
 
     specs = [
         GatherK(T=T, M=B, N=4 * H, K=I, k=9, dtype="float16"),
-        GatherK(T=1, M=B, N=4 * H, K=H, k=5, dtype="float16"),
+        GatherK(T=1, M=B, N=4 * H, K=H, k=5, dtype="float16", tile=SPLIT2),
         GatherKN(T=T, M=B, Nw=4 * H, Kw=I, kc=24, kn=9, dtype="float16"),
-        GatherKN(T=1, M=B, Nw=4 * H, Kw=H, kc=None, kn=5, dtype="float16"),
+        GatherKN(T=1, M=B, Nw=4 * H, Kw=H, kc=None, kn=5, dtype="float16", tile=SPLIT3),
         WgradT(T=T, B=B, kc=24, K=I, k=9, dtype="float16"),
         WgradT(T=T, B=B, kc=4 * H, K=H, k=5, dtype="float16"),
     ]
@@ -144,3 +148,13 @@ def test_mixed_dtypes_take_no_kernel(backend):
     assert backend._kernel("fwd_input", spec, (x, w)) is None
     assert backend.paths["fwd_input"]["reference: dtype"] == before.get("reference: dtype", 0) + 1
     assert backend._kernel("fwd_input", spec, (x, w.to(DT))) is not None  # one dtype: the kernel
+
+
+def test_step_kernels_run_split_k(backend):
+    """The per-step kernels above are split-K: their launches write (S, Mp, Np) partials that
+    the wrapper sums (the comparisons in test_fwd_input_and_recurrent / test_bwd_data_... see
+    only the sum; slice 0 alone is off: tests/codegen/test_emulate_schedule.py)."""
+    splits = sorted(k.spec.tile.split_k for k in backend.bundle.kernels.values() if k.spec.T == 1)
+    assert splits == [2, 3]
+    for k in backend.bundle.kernels.values():
+        assert k.out_shape[0] == k.spec.T * k.spec.tile.split_k
