@@ -261,13 +261,53 @@ def _warn_once(key, msg: str) -> None:
         warnings.warn(f"rnn_sparsify: {msg}", RuntimeWarning, stacklevel=4)
 
 
+def load_cooperative(path, device: torch.device, entries) -> tuple[list, dict, dict]:
+    """Load the cubins of cooperative (persistent) kernel ``entries`` of the bundle at ``path``
+    into torch's context on ``device`` (cuda-bindings, no TVM): ``(modules, function by entry
+    key, why by entry key)``. An entry whose grid cannot be co-resident here (occupancy API x
+    SM count, cooperative-launch support) gets a reason instead of a function. Used by the
+    eval kernels' :class:`PersistentKernels` and the training loops' ``TrainKernels``."""
+    from rnn_sparsify.codegen.manifest import read_verified
+
+    from .cuda_loader import _driver, check
+
+    cu = _driver()
+    torch.cuda.init()
+    with torch.cuda.device(device):
+        torch.empty(1, device=device)
+    check(cu.cuInit(0), "cuInit")
+    dev = check(cu.cuDeviceGet(device.index or 0), "cuDeviceGet")
+    check(cu.cuCtxSetCurrent(check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")), "cuCtxSetCurrent")
+    sms = check(cu.cuDeviceGetAttribute(
+        cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute")
+    coop = check(cu.cuDeviceGetAttribute(
+        cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH, dev), "cuDeviceGetAttribute")
+    modules, fns, whys = [], {}, {}
+    for e in entries:
+        module = check(cu.cuModuleLoadData(read_verified(Path(path), e)), f"cuModuleLoadData({e.cubin})")
+        modules.append(module)
+        fn = check(cu.cuModuleGetFunction(module, e.symbol.encode()), f"cuModuleGetFunction({e.symbol})")
+        if e.dynamic_smem_bytes > 48 * 1024:
+            check(cu.cuFuncSetAttribute(
+                fn, cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                e.dynamic_smem_bytes), "cuFuncSetAttribute")
+        per_sm = check(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            fn, e.block[0] * e.block[1] * e.block[2], e.dynamic_smem_bytes), "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+        why = coresidency_text(e, sms, per_sm, bool(coop))
+        if why:
+            whys[e.key] = why
+        else:
+            fns[e.key] = fn
+    return modules, fns, whys
+
+
 class PersistentKernels:
     """The persistent entries of a bundle loaded on one CUDA device (cuda-bindings, no TVM)."""
 
     def __init__(self, path, device: torch.device):
-        from rnn_sparsify.codegen.manifest import Manifest, read_verified
+        from rnn_sparsify.codegen.manifest import Manifest
 
-        from .cuda_loader import _driver, check, device_arch
+        from .cuda_loader import device_arch
 
         self.path, self.device = Path(path), device
         self.arch = device_arch(device)
@@ -276,33 +316,7 @@ class PersistentKernels:
         self._why: dict = {}
         if not self.entries:
             return
-        cu = _driver()
-        torch.cuda.init()
-        with torch.cuda.device(device):
-            torch.empty(1, device=device)
-        check(cu.cuInit(0), "cuInit")
-        dev = check(cu.cuDeviceGet(device.index or 0), "cuDeviceGet")
-        check(cu.cuCtxSetCurrent(check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")), "cuCtxSetCurrent")
-        sms = check(cu.cuDeviceGetAttribute(
-            cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute")
-        coop = check(cu.cuDeviceGetAttribute(
-            cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH, dev), "cuDeviceGetAttribute")
-        self._modules = []
-        for e in self.entries:
-            module = check(cu.cuModuleLoadData(read_verified(self.path, e)), f"cuModuleLoadData({e.cubin})")
-            self._modules.append(module)
-            fn = check(cu.cuModuleGetFunction(module, e.symbol.encode()), f"cuModuleGetFunction({e.symbol})")
-            if e.dynamic_smem_bytes > 48 * 1024:
-                check(cu.cuFuncSetAttribute(
-                    fn, cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    e.dynamic_smem_bytes), "cuFuncSetAttribute")
-            per_sm = check(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                fn, e.block[0] * e.block[1] * e.block[2], e.dynamic_smem_bytes), "cuOccupancyMaxActiveBlocksPerMultiprocessor")
-            why = coresidency_text(e, sms, per_sm, bool(coop))
-            if why:
-                self._why[e.key] = why
-            else:
-                self._fn[e.key] = fn
+        self._modules, self._fn, self._why = load_cooperative(self.path, device, self.entries)
 
     def function(self, entry):
         """The driver function of ``entry``, or a str saying why it cannot run here."""

@@ -237,45 +237,16 @@ class TrainKernels:
     def __init__(self, path, device: torch.device):
         from pathlib import Path
 
-        from rnn_sparsify.codegen.manifest import Manifest, read_verified
+        from rnn_sparsify.codegen.manifest import Manifest
 
-        from .cuda_loader import _driver, check, device_arch
-        from .persistent_eval import coresidency_text
+        from .cuda_loader import device_arch
+        from .persistent_eval import load_cooperative
 
         self.path, self.device = Path(path), device
         arch = device_arch(device)
         kinds = ("persistent_train_fwd", "persistent_train_bwd")
         self.entries = [e for e in Manifest.load(self.path).kernels if e.spec.get("kind") in kinds and e.arch == arch]
-        self._fn: dict = {}
-        self.why: dict = {}
-        cu = _driver()
-        torch.cuda.init()
-        with torch.cuda.device(device):
-            torch.empty(1, device=device)
-        check(cu.cuInit(0), "cuInit")
-        dev = check(cu.cuDeviceGet(device.index or 0), "cuDeviceGet")
-        check(cu.cuCtxSetCurrent(check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")), "cuCtxSetCurrent")
-        sms = check(cu.cuDeviceGetAttribute(
-            cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute")
-        coop = check(cu.cuDeviceGetAttribute(
-            cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH, dev), "cuDeviceGetAttribute")
-        self._modules = []
-        for e in self.entries:
-            module = check(cu.cuModuleLoadData(read_verified(self.path, e)), f"cuModuleLoadData({e.cubin})")
-            self._modules.append(module)
-            fn = check(cu.cuModuleGetFunction(module, e.symbol.encode()), f"cuModuleGetFunction({e.symbol})")
-            if e.dynamic_smem_bytes > 48 * 1024:
-                check(cu.cuFuncSetAttribute(
-                    fn, cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    e.dynamic_smem_bytes), "cuFuncSetAttribute")
-            per_sm = check(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                fn, e.block[0] * e.block[1] * e.block[2], e.dynamic_smem_bytes),
-                "cuOccupancyMaxActiveBlocksPerMultiprocessor")
-            why = coresidency_text(e, sms, per_sm, bool(coop))
-            if why:
-                self.why[e.key] = why
-            else:
-                self._fn[e.key] = fn
+        self._modules, self._fn, self.why = load_cooperative(self.path, device, self.entries)
 
     def launcher(self, entry) -> Callable[..., None]:
         import numpy as np
