@@ -153,8 +153,6 @@ def emulated_intrins(dtype: str, a_trans: bool = False, b_trans: bool = False) -
     intrinsics stay untouched). The ldmatrix stand-ins read the project's
     :func:`~.intrin.ldmatrix_smem_offset` and :func:`~.intrin.ldmatrix_trans` at registration,
     so a changed (or, in tests, a deliberately broken) formula gets intrinsics of its own."""
-    from tvm.s_tir import TensorIntrin
-
     from . import intrin
 
     if dtype not in ("float16", "bfloat16"):
@@ -164,27 +162,9 @@ def emulated_intrins(dtype: str, a_trans: bool = False, b_trans: bool = False) -
     if key in _REGISTERED:
         return _REGISTERED[key]
     tag = "" if formulas == _DEFAULT_FORMULAS else f"v{len(_REGISTERED)}."  # unique per formula set
-    ab = intrin._ABBREV[dtype]
-    p = f"rnn_sparsify.emu.{tag}"
-    names = MmaIntrins(
-        ldmatrix_a=f"{p}ldmatrix_{ab}_a{'_t' if a_trans else ''}",
-        ldmatrix_b=f"{p}ldmatrix_{ab}_b{'_t' if b_trans else ''}",
-        mma=f"{p}mma_{ab}{ab}f32{'_ta' if a_trans else ''}{'_tb' if b_trans else ''}",
-        fill=f"{p}mma_fill_16x16_f32",
-        store=f"{p}mma_store_16x16_f32_global",
-    )
-    makers = {
-        names.ldmatrix_a: lambda: _ldmatrix_emu(dtype, "A", a_trans),
-        names.ldmatrix_b: lambda: _ldmatrix_emu(dtype, "B", b_trans),
-        names.mma: lambda: _mma_emu(dtype, a_trans, b_trans),
-        names.fill: _fill_emu,
-        names.store: _store_emu,
-    }
-    for name, make in makers.items():
-        if TensorIntrin.get(name, allow_missing=True) is None:
-            TensorIntrin.register(name, *make())
-    _REGISTERED[key] = names
-    return names
+    _REGISTERED[key] = intrin.register_intrins(f"rnn_sparsify.emu.{tag}", dtype, a_trans, b_trans,
+                                               _ldmatrix_emu, _mma_emu, _fill_emu, _store_emu)
+    return _REGISTERED[key]
 
 
 def _default_formulas():

@@ -298,26 +298,36 @@ def tensor_core_intrins(dtype: str, a_trans: bool = False, b_trans: bool = False
     key = (dtype, a_trans, b_trans)
     if key in _REGISTERED:
         return _REGISTERED[key]
+    _register_index_map()
+    _REGISTERED[key] = register_intrins("rnn_sparsify.", dtype, a_trans, b_trans,
+                                        _ldmatrix, _mma, _fill_f32, _store_f32_global)
+    return _REGISTERED[key]
+
+
+def register_intrins(prefix: str, dtype: str, a_trans: bool, b_trans: bool, ldmatrix, mma, fill, store) -> MmaIntrins:
+    """Register (each name once per process) the five intrinsics of ``(dtype, a_trans, b_trans)``
+    under ``prefix`` from their ``(desc, impl)`` makers: ``ldmatrix(dtype, "A" | "B", trans)``,
+    ``mma(dtype, a_trans, b_trans)``, ``fill()``, ``store()``. The CUDA set
+    (:func:`tensor_core_intrins`) and the CPU stand-ins (``emulate.emulated_intrins``) share it,
+    so the two name the same intrinsic the same way."""
     from tvm.s_tir import TensorIntrin
 
-    _register_index_map()
     ab = _ABBREV[dtype]
     names = MmaIntrins(
-        ldmatrix_a=f"rnn_sparsify.ldmatrix_{ab}_a{'_t' if a_trans else ''}",
-        ldmatrix_b=f"rnn_sparsify.ldmatrix_{ab}_b{'_t' if b_trans else ''}",
-        mma=f"rnn_sparsify.mma_{ab}{ab}f32{'_ta' if a_trans else ''}{'_tb' if b_trans else ''}",
-        fill="rnn_sparsify.mma_fill_16x16_f32",
-        store="rnn_sparsify.mma_store_16x16_f32_global",
+        ldmatrix_a=f"{prefix}ldmatrix_{ab}_a{'_t' if a_trans else ''}",
+        ldmatrix_b=f"{prefix}ldmatrix_{ab}_b{'_t' if b_trans else ''}",
+        mma=f"{prefix}mma_{ab}{ab}f32{'_ta' if a_trans else ''}{'_tb' if b_trans else ''}",
+        fill=f"{prefix}mma_fill_16x16_f32",
+        store=f"{prefix}mma_store_16x16_f32_global",
     )
     makers = {
-        names.ldmatrix_a: lambda: _ldmatrix(dtype, "A", a_trans),
-        names.ldmatrix_b: lambda: _ldmatrix(dtype, "B", b_trans),
-        names.mma: lambda: _mma(dtype, a_trans, b_trans),
-        names.fill: _fill_f32,
-        names.store: _store_f32_global,
+        names.ldmatrix_a: lambda: ldmatrix(dtype, "A", a_trans),
+        names.ldmatrix_b: lambda: ldmatrix(dtype, "B", b_trans),
+        names.mma: lambda: mma(dtype, a_trans, b_trans),
+        names.fill: fill,
+        names.store: store,
     }
     for name, make in makers.items():
         if TensorIntrin.get(name, allow_missing=True) is None:
             TensorIntrin.register(name, *make())
-    _REGISTERED[key] = names
     return names
