@@ -288,10 +288,33 @@ def _sig(T, x):
     return T.float32(1.0) / (T.float32(1.0) + T.exp(-x))
 
 
+def grid_barrier():
+    """The grid barrier of the persistent kernels (this module's and ``persistent_train``'s), a
+    ``T.macro`` ``barrier(bar, seen, tx, t, G)`` for the end of step ``t``: ``__syncthreads``;
+    thread 0 releases the CTA's stores (``__threadfence``), adds 1 to the launch's counter ``bar``
+    and spins (relaxed polls, closing acquire) until all ``G`` CTAs have arrived, i.e.
+    ``bar >= (t + 1) * G`` (the counter only grows); ``__syncthreads``. CUDA kernels only: a twin
+    runs the steps as phases instead."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def barrier(bar, seen, tx, t, G):
+        T.tvm_storage_sync("shared")
+        if tx == 0:
+            T.evaluate(T.cuda.thread_fence())
+            T.evaluate(T.cuda.atomic_add(T.address_of(bar[0]), 1))
+            T.evaluate(T.cuda.wait_until(seen, T.address_of(bar[0]), seen[0] >= (t + 1) * G))
+        T.tvm_storage_sync("shared")
+
+    return barrier
+
+
 def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
     """The PrimFunc: the CUDA kernel, or with ``twin=True`` its CPU twin (same macros, thread
     loops serial, the grid barrier a phase boundary)."""
     from tvm.script import tirx as T
+
+    barrier = grid_barrier()
 
     H, B, NNZ, dt = spec.hidden_size, spec.batch, spec.nnz, spec.dtype
     G, U, S, RN = spec.grid, spec.units, spec.split, spec.reg_nnz
@@ -418,12 +441,7 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
                 T.tvm_storage_sync("shared")
                 cell(Xg, Hs, bx, tx, t, part_s, gs, cst, 0)
                 # grid barrier: h_t of every CTA is in Hs[t + 1] before anyone reads it
-                T.tvm_storage_sync("shared")
-                if tx == 0:
-                    T.evaluate(T.cuda.thread_fence())
-                    T.evaluate(T.cuda.atomic_add(T.address_of(bar[0]), 1))
-                    T.evaluate(T.cuda.wait_until(seen, T.address_of(bar[0]), seen[0] >= (t + 1) * G))
-                T.tvm_storage_sync("shared")
+                barrier(bar, seen, tx, t, G)
             store_c(C, bx, tx, cst, 0)
 
         return kernel

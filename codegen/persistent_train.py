@@ -68,7 +68,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import UnsupportedGemm
-from .persistent_sparse import ARCH_LIMITS, RESERVED_SMEM, blocks_per_sm
+from .persistent_sparse import ARCH_LIMITS, RESERVED_SMEM, blocks_per_sm, grid_barrier
 
 GENERATOR_VERSION = "1"
 KIND_FWD = "persistent_train_fwd"
@@ -294,6 +294,8 @@ def make_kernel(spec: PersistentTrainSpec, *, twin: bool = False):
 def _make_fwd(spec: PersistentTrainSpec, twin: bool):
     from tvm.script import tirx as T
 
+    barrier = grid_barrier()
+
     H, B, K, dt, G = spec.hidden_size, spec.batch, spec.keep, spec.dtype, spec.grid
     U, R4, FS, NT = spec.units, spec.rows, spec.split, spec.threads
     SB, L = spec.slots * B, spec.h_len
@@ -390,12 +392,7 @@ def _make_fwd(spec: PersistentTrainSpec, twin: bool):
                 T.tvm_storage_sync("shared")
                 cell(Xg, Hs, Cs, Ac, bx, tx, t, part_s, gs)
                 # grid barrier: h_t of every CTA is in Hs[t + 1] before anyone gathers it
-                T.tvm_storage_sync("shared")
-                if tx == 0:
-                    T.evaluate(T.cuda.thread_fence())
-                    T.evaluate(T.cuda.atomic_add(T.address_of(bar[0]), 1))
-                    T.evaluate(T.cuda.wait_until(seen, T.address_of(bar[0]), seen[0] >= (t + 1) * G))
-                T.tvm_storage_sync("shared")
+                barrier(bar, seen, tx, t, G)
 
         return kernel
 
@@ -436,6 +433,8 @@ def _make_fwd(spec: PersistentTrainSpec, twin: bool):
 
 def _make_bwd(spec: PersistentTrainSpec, twin: bool):
     from tvm.script import tirx as T
+
+    barrier = grid_barrier()
 
     H, B, K, dt, G = spec.hidden_size, spec.batch, spec.keep, spec.dtype, spec.grid
     U, BS, NT = spec.units, spec.split, spec.threads
@@ -619,12 +618,7 @@ def _make_bwd(spec: PersistentTrainSpec, twin: bool):
                     T.tvm_storage_sync("shared")
                     norms(Sq, bx, tx, tl[0], dl_s, e)
                     # grid barrier: dNet_t and its column norms from every CTA
-                    T.tvm_storage_sync("shared")
-                    if tx == 0:
-                        T.evaluate(T.cuda.thread_fence())
-                        T.evaluate(T.cuda.atomic_add(T.address_of(bar[0]), 1))
-                        T.evaluate(T.cuda.wait_until(seen, T.address_of(bar[0]), seen[0] >= (tt + 1) * G))
-                    T.tvm_storage_sync("shared")
+                    barrier(bar, seen, tx, tt, G)
                     members(idx, bx, tx, tl[0], mem_s)
                     scores(Sq, tx, tl[0], sc_s, e)
                     T.tvm_storage_sync("shared")
@@ -667,12 +661,7 @@ def _make_bwd(spec: PersistentTrainSpec, twin: bool):
                 tl[0] = Tn - 1 - tt
                 elem(dY, Ac, Cs, DH, DC, Dn, bx, tx, tl[0], mem_s, part_s, e)
                 # grid barrier: dNet_t from every CTA
-                T.tvm_storage_sync("shared")
-                if tx == 0:
-                    T.evaluate(T.cuda.thread_fence())
-                    T.evaluate(T.cuda.atomic_add(T.address_of(bar[0]), 1))
-                    T.evaluate(T.cuda.wait_until(seen, T.address_of(bar[0]), seen[0] >= (tt + 1) * G))
-                T.tvm_storage_sync("shared")
+                barrier(bar, seen, tx, tt, G)
                 members(idx, bx, tx, tl[0], mem_s)
                 T.tvm_storage_sync("shared")
                 dot(Dn, tl[0], tx, wb_s, mem_s, mem_s, part_s, acc, rk)
