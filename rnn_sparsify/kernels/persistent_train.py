@@ -280,6 +280,7 @@ class TrainKernels:
 # -- the layer-backend rule -------------------------------------------------------------
 _DT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _TRAIN_KERNELS: dict = {}  # (bundle path, device index) -> TrainKernels or the load error (str)
+_MANIFESTS: dict = {}  # bundle path -> its manifest entries
 
 
 def match_entries(entries, problem):
@@ -320,6 +321,17 @@ def _bundle_path():
     return _config.get("path")
 
 
+def _bundle_entries(path) -> list:
+    """The manifest entries of the bundle at ``path``, read once per process (the rule runs
+    for every layer call; bundles are content-addressed folders written by ``compile``)."""
+    key = str(path)
+    if key not in _MANIFESTS:
+        from rnn_sparsify.codegen.manifest import Manifest
+
+        _MANIFESTS[key] = Manifest.load(path).kernels
+    return _MANIFESTS[key]
+
+
 def persistent_train_rule(problem):
     """Layer-backend rule: the persistent training loops of the configured bundle
     (``RNN_SPARSIFY_KERNELS`` / ``cuda_backend.use_bundle``) for a CUDA layer call whose shape,
@@ -334,9 +346,7 @@ def persistent_train_rule(problem):
     path = _bundle_path()
     if path is None:
         return "no kernel bundle (RNN_SPARSIFY_KERNELS or cuda_backend.use_bundle)"
-    from rnn_sparsify.codegen.manifest import Manifest
-
-    m = match_entries(Manifest.load(path).kernels, problem)
+    m = match_entries(_bundle_entries(path), problem)
     if isinstance(m, str):
         return m
     index = problem.device.index if problem.device.index is not None else torch.cuda.current_device()
@@ -366,9 +376,7 @@ def _dry(problem):
     path = _bundle_path()
     if path is None:
         return "no kernel bundle (RNN_SPARSIFY_KERNELS or cuda_backend.use_bundle)"
-    from rnn_sparsify.codegen.manifest import Manifest
-
-    m = match_entries(Manifest.load(path).kernels, problem)
+    m = match_entries(_bundle_entries(path), problem)
     return m if isinstance(m, str) else ("persistent_train", f"{m[0].symbol} + {m[1].symbol} (co-residency checked at load)")
 
 

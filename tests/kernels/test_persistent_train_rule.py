@@ -74,7 +74,9 @@ def test_selected_for_a_matching_cuda_call_and_skipped_when_not_co_resident(tvm,
     from rnn_sparsify.codegen.persistent_train import PersistentTrainSpec, build_twin
 
     monkeypatch.setattr(pt, "_bundle_path", lambda: "/fake/bundle")
-    monkeypatch.setattr(manifest.Manifest, "load", classmethod(lambda cls, p: SimpleNamespace(kernels=ENTRIES)))
+    loads = []
+    monkeypatch.setattr(manifest.Manifest, "load",
+                        classmethod(lambda cls, p: loads.append(p) or SimpleNamespace(kernels=ENTRIES)))
     why: dict = {}
 
     class FakeKernels:  # TrainKernels with the CPU twins as launchers
@@ -87,6 +89,7 @@ def test_selected_for_a_matching_cuda_call_and_skipped_when_not_co_resident(tvm,
 
     monkeypatch.setattr(pt, "TrainKernels", FakeKernels)
     monkeypatch.setattr(pt, "_TRAIN_KERNELS", {})
+    monkeypatch.setattr(pt, "_MANIFESTS", {})
     problem = _problem(gate_mode="coarse", gate_coarse=(4, 8, 4))
     backend, verdicts = select_layer_backend(problem)
     assert isinstance(backend, pt.PersistentTrainLayerBackend)
@@ -98,3 +101,4 @@ def test_selected_for_a_matching_cuda_call_and_skipped_when_not_co_resident(tvm,
     backend, verdicts = select_layer_backend(problem)
     assert not isinstance(backend, pt.PersistentTrainLayerBackend)
     assert ("persistent_train", "grid of 4 CTAs not co-resident (test)") in verdicts
+    assert loads == ["/fake/bundle"]  # the manifest is read once, not on every layer call
