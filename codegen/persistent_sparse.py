@@ -329,6 +329,9 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
     f32 = "float32"
     WCH = (R4 * NS) // VV  # 16-byte chunks of this CTA's shared values
     CCH = (R4 * NS) // VC
+    # chunks per row (>= 1 so the copy's index arithmetic is defined when every non-zero is
+    # in registers, NS = 0: WCH = CCH = 0 and the copy loops are empty)
+    RCV, RCC = max(NS // VV, 1), max(NS // VC, 1)
     HCH = LS // HV
     # the batch loop of the dot product in vectors of BV (one wide load of h per vector): the
     # largest power of two <= 4 dividing B (TVM 0.27's CUDA codegen breaks on float32x8)
@@ -347,13 +350,13 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
         for i in range((WCH + NT - 1) // NT):
             if i * NT + tx < WCH:
                 for v in T.vectorized(VV):
-                    wv_s[(i * NT + tx) * VV + v] = Wv[bx * R4 + (i * NT + tx) // (NS // VV),
-                                                      RN * S + (i * NT + tx) % (NS // VV) * VV + v]
+                    wv_s[(i * NT + tx) * VV + v] = Wv[bx * R4 + (i * NT + tx) // RCV,
+                                                      RN * S + (i * NT + tx) % RCV * VV + v]
         for i in range((CCH + NT - 1) // NT):
             if i * NT + tx < CCH:
                 for v in T.vectorized(VC):
-                    wc_s[(i * NT + tx) * VC + v] = Wc[bx * R4 + (i * NT + tx) // (NS // VC),
-                                                      RN * S + (i * NT + tx) % (NS // VC) * VC + v]
+                    wc_s[(i * NT + tx) * VC + v] = Wc[bx * R4 + (i * NT + tx) // RCC,
+                                                      RN * S + (i * NT + tx) % RCC * VC + v]
 
     @T.macro
     def load_h(Hs, t, tx, hs_s):

@@ -44,6 +44,7 @@ CASES = [
     (9, 37, 4, 6, 0.30, 5, 1, 6, "float32", 2e-5),     # 8 non-zeros per thread in "registers"
     (16, 50, 3, 4, 0.30, 7, 0, 0, "float32", 2e-5),    # odd batch, 56 unit slots for 50 units
     (11, 23, 8, 5, 0.30, 3, 0, 2, "float16", 4e-3),    # 16-bit values/h (fp16 rounding); 2 vectors of 4
+    (7, 40, 4, 4, 0.15, 8, 8, 1, "bfloat16", 3e-2),    # every non-zero in registers: no shared-memory entries
 ]
 
 
@@ -54,6 +55,8 @@ def test_twin_matches_float64_lstm(tvm, n_in, H, B, T, density, grid, reg, empty
     w_hh = lstm.weight_hh_l0.detach()
     spec = PersistentSparseSpec.make(H, B, row_nnz_max(w_hh), dtype, grid, reg_nnz=reg)
     assert spec.grid * spec.units >= H
+    if reg == 8:
+        assert spec.smem_nnz == 0, spec
     x = torch.randn(T, B, n_in, generator=gen, dtype=torch.float64)
     h0 = torch.randn(1, B, H, generator=gen, dtype=torch.float64) * 0.5
     c0 = torch.randn(1, B, H, generator=gen, dtype=torch.float64)
