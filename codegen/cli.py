@@ -40,8 +40,10 @@ def _flag_configs(args: argparse.Namespace):
 
 
 def build_from_model(target: str, batch: int, seq_len: int, archs, out, *, dtype=None, structured_dropout=None,
-                     gate_sparsity=None, **kw):
+                     gate_sparsity=None, persistent_train=False, **kw):
     """``compile --model``: load the model, plan its kernels, build them. Returns ``(plan, manifest)``.
+    ``persistent_train``: also the persistent training loops of each planned LSTM
+    (:func:`persistent_train_requests_from_plan`).
 
     Raises ``NoLSTMError`` (nothing LSTM-like) and ``NothingToBuildError`` (no LSTM needs a
     sparse kernel, each LSTM's reason in the message).
@@ -63,6 +65,8 @@ def build_from_model(target: str, batch: int, seq_len: int, archs, out, *, dtype
         if plan.sparsified_from_flags:
             err.hint = "each LSTM above is skipped or has no sparse GEMM; `rnn-sparsify inspect` shows why in detail"
         raise err
+    if persistent_train:
+        kw["persistent_train"] = persistent_train_requests_from_plan(plan)
     return plan, compile_lstms(plan.lstms, archs, out, **kw)
 
 
@@ -199,6 +203,36 @@ def persistent_train_requests(args: argparse.Namespace, sd, gs) -> list:
     return [PersistentTrainRequest(H, args.batch, keep, args.dtype or "bfloat16", coarse)]
 
 
+def persistent_train_requests_from_plan(plan) -> list:
+    """``compile --model --persistent-train``: one request per distinct (hidden size, batch,
+    kept units, dtype, coarse selection) of the model's planned LSTMs -- every layer and
+    direction of an LSTM runs the same two kernels. An LSTM with fine or meProp gate sparsity
+    gets none (those run on the per-step kernels; a line says so); if no LSTM can use them,
+    ``UnsupportedGemm`` says why for each."""
+    from rnn_sparsify.config import config_from_dict, kept_count
+
+    from .persistent_train import PersistentTrainRequest
+
+    out, skipped = [], []
+    for ls in plan.lstms:
+        H = ls.hidden_size
+        sd = config_from_dict(ls.structured_dropout) if ls.structured_dropout else None
+        gs = config_from_dict(ls.gate_sparsity) if ls.gate_sparsity else None
+        if gs is not None and gs.mode != "coarse":
+            skipped.append(f"{ls.name or 'LSTM'} (hidden {H}): {gs.mode} gate sparsity is not fused in the "
+                           "persistent loops (coarse only)")
+            continue
+        keep = kept_count(H, sd.p_recurrent) if sd is not None and sd.p_recurrent > 0 else H
+        coarse = (gs.P, gs.R, gs.S) if gs is not None else ()
+        out.append(PersistentTrainRequest(H, ls.batch, keep, ls.dtype, coarse))
+    if not out:
+        raise UnsupportedGemm("--persistent-train: no LSTM of the model can use the persistent training loops: "
+                              + "; ".join(skipped))
+    for line in skipped:
+        print(f"--persistent-train: skipped {line}")
+    return list(dict.fromkeys(out))
+
+
 def print_persistent_train(manifest) -> None:
     """One line per persistent training-loop kernel of ``manifest``."""
     from .persistent_train import KINDS
@@ -275,13 +309,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return 0
     if args.persistent_eval:
         kw["persistent"] = persistent_requests(args, load_model(args.model).module if args.model else None)
-    if args.persistent_train:
+    if args.persistent_train and not args.model:
         kw["persistent_train"] = persistent_train_requests(args, sd, gs)
     plan = None
     if args.model:
         try:
             plan, manifest = build_from_model(args.model, args.batch, args.seq_len, args.arch, args.out,
-                                              dtype=args.dtype, structured_dropout=sd, gate_sparsity=gs, **kw)
+                                              dtype=args.dtype, structured_dropout=sd, gate_sparsity=gs,
+                                              persistent_train=args.persistent_train, **kw)
             print(plan.table())
         except NothingToBuildError:
             if not args.persistent_eval:
@@ -393,9 +428,10 @@ def register(subparsers, parents=()) -> None:
     p.add_argument("--density", type=density, default=None,
                    help="--persistent-eval: W_hh density in (0, 1]; the bound is the mean row count + 5 sigma")
     p.add_argument("--persistent-train", action="store_true",
-                   help="--target cuda, an LSTM spec: also the persistent training loops (forward with "
-                   "--p-recurrent's structured dropout, backward-data with --gate coarse selection; one "
-                   "cooperative launch each; not used at run time yet)")
+                   help="--target cuda: also the persistent training loops of the LSTM spec, or of every "
+                   "LSTM of --model (forward with the structured RH dropout, backward-data with coarse "
+                   "gate selection fused; one cooperative launch each; the persistent_train layer rule "
+                   "runs them for a CUDA training call of that shape)")
     p.add_argument("--cache-dir", default=None, help="compile cache (default ~/.cache/rnn_sparsify/kernels)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compile, check=_check_compile, subparser=p)
@@ -427,9 +463,8 @@ def _check_compile(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("the following arguments are required with --target cuda: --arch")
     if args.persistent_eval and args.target != "cuda":
         parser.error("--persistent-eval builds GPU kernels: use it with --target cuda")
-    if args.persistent_train and (args.target != "cuda" or args.model):
-        parser.error("--persistent-train builds GPU kernels for an LSTM spec: use it with --target cuda and "
-                     "--input-size/--hidden-size (not --model)")
+    if args.persistent_train and args.target != "cuda":
+        parser.error("--persistent-train builds GPU kernels: use it with --target cuda")
     if (args.nnz_max or args.density) and not args.persistent_eval:
         parser.error("--nnz-max/--density describe the --persistent-eval kernels; add --persistent-eval")
     if args.model and (args.hidden_size is not None or args.num_layers != 1 or args.bidirectional):
