@@ -100,7 +100,7 @@ def explain_cuda(mod) -> str:
     path = bundle_path()
     bundle = f"the bundle {path}" if path else ("a bundle (none in use: RNN_SPARSIFY_KERNELS or "
                                                 "persistent_eval.use_bundle)")
-    return (f"eval() on CUDA under no_grad, without autocast, on a padded (not packed) {dt} sequence: sparse "
+    return (f"eval() on CUDA under no_grad, without autocast, on a {dt} sequence (padded or packed): sparse "
             f"persistent kernels ({PERSISTENT}) when {bundle} has a `compile --persistent-eval` kernel for the "
             f"GPU's arch, hidden size {mod.hidden_size}, {dt}, a batch >= the call's and >= {nnz} non-zeros per "
             "gate row (the densest W_hh row now), with a grid co-resident on the GPU; else nn.LSTM (cuDNN)")

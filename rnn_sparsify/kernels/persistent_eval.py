@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 from rnn_sparsify.codegen.errors import BundleError
 from rnn_sparsify.codegen.persistent_sparse import KIND, PersistentSparseSpec
@@ -204,8 +205,6 @@ def describe_missing(entries, arch: str, hidden: int, batch: int, dtype: str, nn
 
 def why_not_static(mod, input, hx) -> Optional[str]:
     """Why the persistent kernels do not apply to this call, before looking at a bundle."""
-    from torch.nn.utils.rnn import PackedSequence
-
     from .cpu_sparse_eval import _masked
 
     if getattr(mod, "weight_sparsity", None) is None:
@@ -214,8 +213,10 @@ def why_not_static(mod, input, hx) -> Optional[str]:
         return "W_hh is not masked (the recurrence would stay dense)"
     if mod.proj_size:
         return "proj_size > 0 (no projection kernels)"
-    if isinstance(input, PackedSequence):
-        return "PackedSequence input (the persistent kernels take padded sequences)"
+    packed = isinstance(input, PackedSequence)
+    if packed:
+        batch_sizes = input.batch_sizes
+        input = input.data  # the checks below are on the packed rows (N, input_size)
     if not isinstance(input, Tensor):
         return "unexpected input type (nn.LSTM reports the error)"
     if input.device.type != "cuda":
@@ -231,10 +232,24 @@ def why_not_static(mod, input, hx) -> Optional[str]:
         autocast = torch.is_autocast_enabled()
     if autocast:
         return "autocast is on"
-    if hx is not None and any(h.dtype != input.dtype for h in hx):
+    if hx is not None and isinstance(hx, (tuple, list)) and any(getattr(h, "dtype", None) != input.dtype
+                                                                for h in hx):
         return "hx dtype differs from the input's (nn.LSTM reports the error)"
-    if input.dim() != 3 or input.shape[-1] != mod.input_size or input.numel() == 0:
+    if input.dim() != (2 if packed else 3) or input.shape[-1] != mod.input_size or input.numel() == 0:
         return "unexpected input shape (only batched 3-d input; nn.LSTM reports errors)"
+    B = int(batch_sizes[0]) if packed else input.shape[0 if mod.batch_first else 1]
+    return hx_problem(mod, hx, B, input.device)
+
+
+def hx_problem(mod, hx, batch: int, device) -> Optional[str]:
+    """Why ``hx`` cannot be the initial state of a call of ``batch`` rows on ``device`` (then
+    ``nn.LSTM`` runs and raises its own error), or None."""
+    if hx is None:
+        return None
+    want = ((2 if mod.bidirectional else 1) * mod.num_layers, batch, mod.hidden_size)
+    if (not isinstance(hx, (tuple, list)) or len(hx) != 2
+            or any(not isinstance(h, Tensor) or tuple(h.shape) != want or h.device != device for h in hx)):
+        return "unexpected hx (nn.LSTM reports the error)"
     return None
 
 
@@ -419,13 +434,15 @@ def sparse_persistent_forward(mod, input, hx=None):
         if isinstance(kernels, str):
             why = kernels
         else:
-            x = input.transpose(0, 1) if mod.batch_first else input
-            plan = _plan(mod, kernels, x.shape[1], _DTYPES[x.dtype])
+            packed = isinstance(input, PackedSequence)
+            x = input if packed else (input.transpose(0, 1) if mod.batch_first else input)
+            B = int(input.batch_sizes[0]) if packed else x.shape[1]
+            plan = _plan(mod, kernels, B, _DTYPES[(input.data if packed else x).dtype])
             if isinstance(plan, str):
                 why = plan
             else:
                 try:
-                    out = _run(mod, x, hx, kernels, plan)
+                    out = (_run_packed if packed else _run)(mod, x, hx, kernels, plan)
                 except BundleError as e:  # a refused launch: never an error, cuDNN runs instead
                     why = f"persistent kernel launch failed: {e}"
                     _warn_once(("launch", str(e)), why + "; weight-sparse eval runs on nn.LSTM")
@@ -464,6 +481,73 @@ def _run(mod, x, hx, kernels, plan):
         layer_in = outs[0] if D == 1 else torch.cat(outs, 2)
     out = layer_in.transpose(0, 1) if mod.batch_first else layer_in
     return out.contiguous(), (hn, cn)
+
+
+def _runs(batch_sizes: Tensor) -> list[tuple[int, int, int]]:
+    """``(t0, t1, b)``: the steps ``t0 <= t < t1`` of a packed sequence where ``b`` rows are active
+    (``batch_sizes`` is non-increasing: one run per distinct sequence length)."""
+    bs = batch_sizes.tolist()
+    runs, t0 = [], 0
+    for t in range(1, len(bs) + 1):
+        if t == len(bs) or bs[t] != bs[t0]:
+            runs.append((t0, t, bs[t0]))
+            t0 = t
+    return runs
+
+
+def _run_packed(mod, packed, hx, kernels, plan):
+    """``nn.LSTM.forward`` of a ``PackedSequence`` on the persistent kernels.
+
+    In sorted order (``packed.sorted_indices``; ``hx`` and the returned state are in the
+    caller's order, as ``nn.LSTM`` has them) each layer and direction runs one launch per run
+    of steps with the same number of active rows (:func:`_runs`: at most one per distinct
+    length) on the first ``b`` rows, carrying ``h``/``c`` from launch to launch. A row's state
+    stops changing after its last step (forward), and the reverse direction starts a row from
+    ``hx`` when its last step is reached, so every row sees exactly its own sequence."""
+    from rnn_sparsify.lstm_function import _layer_params
+
+    data, bs = packed.data, packed.batch_sizes
+    si, ui = packed.sorted_indices, packed.unsorted_indices
+    T, B = len(bs), int(bs[0])
+    t_idx = torch.repeat_interleave(torch.arange(T), bs)
+    b_idx = torch.arange(len(t_idx)) - (torch.cumsum(bs, 0) - bs)[t_idx]
+    flat = (t_idx * B + b_idx).to(data.device)  # packed row -> (t, b) of the padded sorted batch
+    runs = _runs(bs)
+    H, L = mod.hidden_size, mod.num_layers
+    D = 2 if mod.bidirectional else 1
+    if hx is not None:
+        h0, c0 = hx
+        if si is not None:
+            h0, c0 = h0.index_select(1, si), c0.index_select(1, si)
+    else:
+        h0 = c0 = data.new_zeros(L * D, B, H)
+    hn, cn = data.new_empty(L * D, B, H), data.new_empty(L * D, B, H)
+    layer_in = data
+    for layer in range(L):
+        x = data.new_zeros(T * B, layer_in.shape[1])
+        x[flat] = layer_in
+        x = x.view(T, B, -1)
+        outs = []
+        for d in range(D):
+            w_ih, _, b_ih, b_hh, _ = _layer_params(mod, layer, d)
+            entry, fn, Wv, Wc, spec = plan[layer, d]
+            xg = x @ w_ih.t()
+            if b_ih is not None:
+                xg = xg + (b_ih + b_hh)
+            h, c = h0[layer * D + d].clone(), c0[layer * D + d].clone()
+            out = xg.new_zeros(T, B, H)
+            for t0, t1, b in (reversed(runs) if d else runs):
+                seg = xg[t0:t1, :b].flip(0) if d else xg[t0:t1, :b]
+                o, hT, cT = layer_forward(seg, h[:b], c[:b], Wv, Wc, spec,
+                                          lambda **bufs: kernels.launch(entry, fn, **bufs))
+                out[t0:t1, :b] = o.flip(0) if d else o
+                h[:b], c[:b] = hT, cT
+            outs.append(out)
+            hn[layer * D + d], cn[layer * D + d] = h, c
+        layer_in = (outs[0] if D == 1 else torch.cat(outs, 2)).reshape(T * B, D * H)[flat]
+    if ui is not None:
+        hn, cn = hn.index_select(1, ui), cn.index_select(1, ui)
+    return PackedSequence(layer_in, bs, si, ui), (hn, cn)
 
 
 __all__ = ["BACKEND", "bank_aware_order", "choose_entry", "h_slots", "h_wavefronts", "layer_forward", "pack_ell", "row_nnz_max", "sparse_persistent_forward",

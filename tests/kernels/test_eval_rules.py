@@ -108,7 +108,7 @@ def test_explain_lists_the_rules_with_the_cuda_conditions(tmp_path, monkeypatch)
     i1, i2, i3 = (text.index(s) for s in (f"1. {er.PERSISTENT}", f"2. {er.CPU_SPARSE}", "3. nn.LSTM"))
     assert i1 < i2 < i3
     cuda = er.explain_cuda(m)
-    for cond in ("no_grad", "without autocast", "not packed", "--persistent-eval", "hidden size 16",
+    for cond in ("no_grad", "without autocast", "padded or packed", "--persistent-eval", "hidden size 16",
                  f">= {nnz} non-zeros per gate row", "co-resident", "none in use"):
         assert cond in cuda, cond
     pe.use_bundle(tmp_path)

@@ -208,3 +208,50 @@ def test_refused_launch_falls_back_with_a_warning(monkeypatch):
         assert pe.sparse_persistent_forward(m, x) is None
     assert m.last_eval_backend == "nn.LSTM" and "launch failed" in m.last_eval_reason
     assert any("launch failed" in v for v in pe._loaded.values())
+
+
+@pytest.mark.parametrize("bidirectional,enforce_sorted,with_hx", [(True, False, True), (False, True, False),
+                                                                  (True, True, False)])
+def test_packed_driver_on_the_twin_matches_float64(tvm, bidirectional, enforce_sorted, with_hx):
+    """PackedSequence input: one launch per run of equal active rows, state carried between
+    them; output, h_n and c_n (in the caller's order) against float64 nn.LSTM on the same
+    packed input."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    I, H, L, T = 6, 21, 2, 7
+    m = _pruned(I, H, sparsity=0.7, seed=5, num_layers=L, bidirectional=bidirectional)
+    D = 2 if bidirectional else 1
+    nnz = max(pe.row_nnz_max(getattr(m, n)) for n in m._flat_weights_names if n.startswith("weight_hh"))
+    gen = torch.Generator().manual_seed(11)
+    lengths = torch.tensor([7, 7, 5, 2, 1]) if enforce_sorted else torch.tensor([2, 7, 1, 5, 7])
+    B = len(lengths)
+    kernels = _TwinKernels([PersistentSparseSpec.make(H, 8, nnz, "float32", 3)])
+    x = torch.randn(T, B, I, generator=gen)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+    hx = (torch.randn(L * D, B, H, generator=gen), torch.randn(L * D, B, H, generator=gen)) if with_hx else None
+    with torch.no_grad():
+        plan = pe._plan(m, kernels, B, "float32")
+        assert not isinstance(plan, str), plan
+        out, (hn, cn) = pe._run_packed(m, packed, hx, kernels, plan)
+    assert pe._runs(packed.batch_sizes) == [(0, 1, 5), (1, 2, 4), (2, 5, 3), (5, 7, 2)]
+    assert kernels.launches == L * D * 4  # one launch per run of equal batch size
+    assert torch.equal(out.batch_sizes, packed.batch_sizes)
+    assert out.sorted_indices is packed.sorted_indices and out.unsorted_indices is packed.unsorted_indices
+    ref_m = nn.LSTM(I, H, L, bidirectional=bidirectional).double()
+    ref_m.load_state_dict({k: v for k, v in m.state_dict().items() if not k.endswith("_mask")})
+    ref_packed = pack_padded_sequence(x.double(), lengths, enforce_sorted=enforce_sorted)
+    ref, (rh, rc) = ref_m(ref_packed, tuple(h.double() for h in hx) if hx else None)
+    torch.testing.assert_close(out.data.double(), ref.data, rtol=0, atol=3e-5)
+    torch.testing.assert_close(hn.double(), rh, rtol=0, atol=3e-5)
+    torch.testing.assert_close(cn.double(), rc, rtol=0, atol=1e-4)
+
+
+def test_hx_problem_defers_bad_state_to_nn_lstm():
+    m = _pruned(5, 8, num_layers=2, bidirectional=True)
+    ok = (torch.zeros(4, 3, 8), torch.zeros(4, 3, 8))
+    cpu = torch.device("cpu")
+    assert pe.hx_problem(m, None, 3, cpu) is None and pe.hx_problem(m, ok, 3, cpu) is None
+    for bad in [(torch.zeros(2, 3, 8), torch.zeros(4, 3, 8)), (torch.zeros(4, 2, 8),) * 2, ok[:1],
+                (torch.zeros(4, 3, 8), "c")]:
+        assert "nn.LSTM reports the error" in pe.hx_problem(m, bad, 3, cpu)
+    assert "nn.LSTM reports" in pe.hx_problem(m, ok, 3, torch.device("meta"))

@@ -96,3 +96,27 @@ def test_no_matching_entry_falls_back_with_the_reason():
     (p, why_p), (c, why_c), last = m.last_eval_reasons
     assert (p, c, last) == ("tvm_cuda_persistent_eval", "tvm_cpu_sparse_eval", ("nn.LSTM", "used"))
     assert "no persistent kernel" in why_p and "on CUDA" in why_c
+
+
+def test_packed_sequence_matches_nn_lstm():
+    """A PackedSequence (unsorted lengths, hx in the caller's order): one launch per run of
+    equal active rows, against float64 nn.LSTM on the same packed input."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    m = _pruned(40, 2, True, 0.3, torch.float32, seed=3)
+    lengths = torch.tensor([6, 9, 2, 6])
+    x = torch.randn(9, 4, 20, device="cuda")
+    h0, c0 = torch.randn(4, 4, 40, device="cuda") * 0.5, torch.randn(4, 4, 40, device="cuda")
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    with torch.inference_mode():
+        out, (hn, cn) = m(packed, (h0, c0))
+    assert m.last_path == "persistent_eval", m.last_eval_reason
+    ref_m = nn.LSTM(20, 40, 2, bidirectional=True).double().cuda()
+    ref_m.load_state_dict({k: v.double() for k, v in m.state_dict().items() if not k.endswith("_mask")})
+    with torch.no_grad():
+        ref, (rh, rc) = ref_m(pack_padded_sequence(x.double(), lengths, enforce_sorted=False),
+                              (h0.double(), c0.double()))
+    assert torch.equal(out.batch_sizes, ref.batch_sizes)
+    torch.testing.assert_close(out.data.double(), ref.data, rtol=0, atol=5e-5)
+    torch.testing.assert_close(hn.double(), rh, rtol=0, atol=5e-5)
+    torch.testing.assert_close(cn.double(), rc, rtol=0, atol=2e-4)
