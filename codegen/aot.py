@@ -259,7 +259,7 @@ def compile_specs(
 
         for req in dict.fromkeys(persistent):
             for a in archs:
-                jobs.append((spec_for_arch(req.hidden_size, req.batch, req.nnz, req.dtype, a), a))
+                jobs.append((spec_for_arch(req.hidden_size, req.batch, req.nnz, req.dtype, a, sms=req.sms), a))
     for req in dict.fromkeys(persistent_train):
         for a in archs:
             jobs.extend((s, a) for s in req.specs(a))

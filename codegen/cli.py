@@ -40,7 +40,7 @@ def _flag_configs(args: argparse.Namespace):
 
 
 def build_from_model(target: str, batch: int, seq_len: int, archs, out, *, dtype=None, structured_dropout=None,
-                     gate_sparsity=None, persistent_train=False, **kw):
+                     gate_sparsity=None, persistent_train=False, sms=None, **kw):
     """``compile --model``: load the model, plan its kernels, build them. Returns ``(plan, manifest)``.
     ``persistent_train``: also the persistent training loops of each planned LSTM
     (:func:`persistent_train_requests_from_plan`).
@@ -66,7 +66,7 @@ def build_from_model(target: str, batch: int, seq_len: int, archs, out, *, dtype
             err.hint = "each LSTM above is skipped or has no sparse GEMM; `rnn-sparsify inspect` shows why in detail"
         raise err
     if persistent_train:
-        kw["persistent_train"] = persistent_train_requests_from_plan(plan)
+        kw["persistent_train"] = with_sms(persistent_train_requests_from_plan(plan), sms)
     return plan, compile_lstms(plan.lstms, archs, out, **kw)
 
 
@@ -203,6 +203,14 @@ def persistent_train_requests(args: argparse.Namespace, sd, gs) -> list:
     return [PersistentTrainRequest(H, args.batch, keep, args.dtype or "bfloat16", coarse)]
 
 
+def with_sms(requests: list, sms) -> list:
+    """Each persistent-kernel request once per ``--sms`` value (its grid; none given: the
+    arch's reference part)."""
+    from dataclasses import replace
+
+    return [replace(r, sms=s) for r in requests for s in (sms or [None])]
+
+
 def persistent_train_requests_from_plan(plan) -> list:
     """``compile --model --persistent-train``: one request per distinct (hidden size, batch,
     kept units, dtype, coarse selection) of the model's planned LSTMs -- every layer and
@@ -308,15 +316,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
               f"RNN_SPARSIFY_KERNELS={args.out} or rnn_sparsify.kernels.cpu_runtime.use_cpu_bundle()")
         return 0
     if args.persistent_eval:
-        kw["persistent"] = persistent_requests(args, load_model(args.model).module if args.model else None)
+        kw["persistent"] = with_sms(persistent_requests(args, load_model(args.model).module if args.model else None),
+                                    args.sms)
     if args.persistent_train and not args.model:
-        kw["persistent_train"] = persistent_train_requests(args, sd, gs)
+        kw["persistent_train"] = with_sms(persistent_train_requests(args, sd, gs), args.sms)
     plan = None
     if args.model:
         try:
             plan, manifest = build_from_model(args.model, args.batch, args.seq_len, args.arch, args.out,
                                               dtype=args.dtype, structured_dropout=sd, gate_sparsity=gs,
-                                              persistent_train=args.persistent_train, **kw)
+                                              persistent_train=args.persistent_train, sms=args.sms, **kw)
             print(plan.table())
         except NothingToBuildError:
             if not args.persistent_eval:
@@ -432,6 +441,12 @@ def register(subparsers, parents=()) -> None:
                    "LSTM of --model (forward with the structured RH dropout, backward-data with coarse "
                    "gate selection fused; one cooperative launch each; the persistent_train layer rule "
                    "runs them for a CUDA training call of that shape)")
+    p.add_argument("--sms", type=int, action="append", default=None, metavar="N",
+                   help="--persistent-eval/--persistent-train: build the persistent kernels' grid for a GPU with N "
+                   "SMs (one CTA per SM; repeat for several parts, e.g. --sms 114 --sms 132). Default: the arch's "
+                   "largest part (sm_80: 108, A100; sm_90: 132, H100 SXM/H200); a smaller part of the same arch "
+                   "(A30: 56, H100 PCIe: 114) cannot run that grid. At run time the largest grid co-resident "
+                   "on the GPU is used")
     p.add_argument("--cache-dir", default=None, help="compile cache (default ~/.cache/rnn_sparsify/kernels)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compile, check=_check_compile, subparser=p)
@@ -465,6 +480,16 @@ def _check_compile(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("--persistent-eval builds GPU kernels: use it with --target cuda")
     if args.persistent_train and args.target != "cuda":
         parser.error("--persistent-train builds GPU kernels: use it with --target cuda")
+    if args.sms:
+        if not (args.persistent_eval or args.persistent_train):
+            parser.error("--sms sets the grid of the persistent kernels; add --persistent-eval or --persistent-train")
+        from .persistent_sparse import ARCH_LIMITS
+
+        for a in args.arch or ():
+            for n in args.sms:
+                top = ARCH_LIMITS.get(a, {}).get("sms")
+                if n < 1 or (top is not None and n > top):
+                    parser.error(f"--sms {n}: {a} parts have 1..{top} SMs (its largest: {top})")
     if (args.nnz_max or args.density) and not args.persistent_eval:
         parser.error("--nnz-max/--density describe the --persistent-eval kernels; add --persistent-eval")
     if args.model and (args.hidden_size is not None or args.num_layers != 1 or args.bidirectional):

@@ -228,17 +228,33 @@ def coresidency_problem(spec: PersistentSparseSpec, arch: str, registers: int) -
             "use a smaller hidden size")
 
 
-def spec_for_arch(hidden_size: int, batch: int, nnz: int, dtype: str, arch: str, *,
-                  reg_nnz: int | None = None) -> PersistentSparseSpec:
-    """One CTA per SM of ``arch``'s reference part; ``reg_nnz`` (default) moves non-zeros from
-    shared memory into registers until the shared memory fits one CTA per SM (at most 24 per
-    thread: 48 registers of values and columns)."""
+def grid_for(arch: str, sms: int | None = None) -> int:
+    """The grid of a persistent kernel for ``arch``: one CTA per SM of a part with ``sms`` SMs,
+    by default the arch's reference part (``ARCH_LIMITS``: A100 108, H100 SXM/H200 132). A part
+    with fewer SMs of the same arch (A30 56, H100 PCIe 114) needs its own, smaller grid: the
+    reference grid is not co-resident there."""
     if arch not in ARCH_LIMITS:
         raise UnsupportedGemm(f"persistent kernels are built for {sorted(ARCH_LIMITS)}, not {arch}")
+    ref = ARCH_LIMITS[arch]["sms"]
+    if sms is None:
+        return ref
+    if isinstance(sms, bool) or not isinstance(sms, int) or not 1 <= sms <= ref:
+        raise UnsupportedGemm(f"an SM count for {arch} must be an integer in 1..{ref} (its largest part has {ref} "
+                              f"SMs), got {sms!r}")
+    return sms
+
+
+def spec_for_arch(hidden_size: int, batch: int, nnz: int, dtype: str, arch: str, *,
+                  reg_nnz: int | None = None, sms: int | None = None) -> PersistentSparseSpec:
+    """One CTA per SM of ``arch``'s reference part, or of a part with ``sms`` SMs
+    (:func:`grid_for`); ``reg_nnz`` (default) moves non-zeros from shared memory into registers
+    until the shared memory fits one CTA per SM (at most 24 per thread: 48 registers of values
+    and columns)."""
+    grid = grid_for(arch, sms)
     lim = ARCH_LIMITS[arch]
-    spec = PersistentSparseSpec.make(hidden_size, batch, nnz, dtype, lim["sms"])
+    spec = PersistentSparseSpec.make(hidden_size, batch, nnz, dtype, grid)
     if reg_nnz is not None:
-        return PersistentSparseSpec.make(hidden_size, batch, nnz, dtype, lim["sms"], split=spec.split,
+        return PersistentSparseSpec.make(hidden_size, batch, nnz, dtype, grid, split=spec.split,
                                          reg_nnz=reg_nnz)
     r = 0
     while spec.smem_bytes() + RESERVED_SMEM > lim["smem_block"] and r < 24 and (r + 1) * spec.split <= spec.nnz:
@@ -532,10 +548,12 @@ class PersistentEvalRequest:
     batch: int
     nnz: int  # bound on non-zeros per gate row of W_hh
     dtype: str
+    sms: int | None = None  # SMs of the target part (the grid); None: the arch's reference part
 
     def describe(self) -> str:
         return (f"hidden {self.hidden_size}, batch {self.batch}, <= {self.nnz} non-zeros per gate row "
-                f"({self.nnz / self.hidden_size:.0%}), {self.dtype}")
+                f"({self.nnz / self.hidden_size:.0%}), {self.dtype}"
+                + (f", {self.sms} SMs" if self.sms else ""))
 
 
 def nnz_bound(hidden_size: int, density: float) -> int:
@@ -560,5 +578,6 @@ def cuda_source(spec: PersistentSparseSpec, arch: str) -> str:
 
 
 __all__ = ["ARCH_LIMITS", "KIND", "PersistentEvalRequest", "PersistentSparseSpec", "blocks_per_sm", "build_twin",
-           "coresidency_problem", "cuda_source", "dynamic_smem_bytes", "estimated_registers", "fits", "make_kernel",
+           "coresidency_problem", "cuda_source", "dynamic_smem_bytes", "estimated_registers", "fits", "grid_for",
+           "make_kernel",
            "max_hidden_size", "nnz_bound", "spec_for_arch"]

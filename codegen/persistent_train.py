@@ -68,7 +68,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import UnsupportedGemm
-from .persistent_sparse import ARCH_LIMITS, RESERVED_SMEM, blocks_per_sm, grid_barrier
+from .persistent_sparse import ARCH_LIMITS, RESERVED_SMEM, blocks_per_sm, grid_barrier, grid_for
 
 GENERATOR_VERSION = "1"
 KIND_FWD = "persistent_train_fwd"
@@ -223,15 +223,15 @@ class PersistentTrainSpec:
 # -- arch choice and capacity ----------------------------------------------------------------
 
 def spec_for_arch(part: str, hidden_size: int, batch: int, keep: int, dtype: str, arch: str, *,
-                  coarse: tuple = ()) -> PersistentTrainSpec:
-    """One CTA per SM of ``arch``'s reference part (``ARCH_LIMITS``); the forward's split is
-    halved (8 -> 4 -> 2 -> 1) until the shared memory fits, if it can."""
-    if arch not in ARCH_LIMITS:
-        raise UnsupportedGemm(f"persistent kernels are built for {sorted(ARCH_LIMITS)}, not {arch}")
+                  coarse: tuple = (), sms: int | None = None) -> PersistentTrainSpec:
+    """One CTA per SM of ``arch``'s reference part (``ARCH_LIMITS``), or of a part with ``sms``
+    SMs (:func:`~.persistent_sparse.grid_for`); the forward's split is halved (8 -> 4 -> 2 -> 1)
+    until the shared memory fits, if it can."""
+    grid = grid_for(arch, sms)
     lim = ARCH_LIMITS[arch]
-    spec = PersistentTrainSpec.make(part, hidden_size, batch, keep, dtype, lim["sms"], coarse=coarse)
+    spec = PersistentTrainSpec.make(part, hidden_size, batch, keep, dtype, grid, coarse=coarse)
     while spec.smem_bytes() + RESERVED_SMEM > lim["smem_block"] and spec.split > 1:
-        spec = PersistentTrainSpec.make(part, hidden_size, batch, keep, dtype, lim["sms"], split=spec.split // 2,
+        spec = PersistentTrainSpec.make(part, hidden_size, batch, keep, dtype, grid, split=spec.split // 2,
                                         coarse=coarse)
     return spec
 
@@ -758,10 +758,12 @@ class PersistentTrainRequest:
     keep: int  # kept units of h_{t-1} per step (H without RH dropout)
     dtype: str
     coarse: tuple = ()
+    sms: int | None = None  # SMs of the target part (the grid); None: the arch's reference part
 
     def specs(self, arch: str) -> list[PersistentTrainSpec]:
-        return [spec_for_arch("fwd", self.hidden_size, self.batch, self.keep, self.dtype, arch),
-                spec_for_arch("bwd", self.hidden_size, self.batch, self.keep, self.dtype, arch, coarse=self.coarse)]
+        return [spec_for_arch("fwd", self.hidden_size, self.batch, self.keep, self.dtype, arch, sms=self.sms),
+                spec_for_arch("bwd", self.hidden_size, self.batch, self.keep, self.dtype, arch, coarse=self.coarse,
+                              sms=self.sms)]
 
 
 __all__ = ["KINDS", "KIND_BWD", "KIND_FWD", "PersistentTrainRequest", "PersistentTrainSpec", "build_twin",

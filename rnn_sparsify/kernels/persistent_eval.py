@@ -186,12 +186,14 @@ def persistent_entries(manifest) -> list:
 
 def choose_entry(entries, arch: str, hidden: int, batch: int, dtype: str, nnz: int):
     """The entry for one layer: this arch, hidden size and dtype, the smallest batch >= ``batch``,
-    then the smallest non-zero bound >= ``nnz``; None when there is none."""
+    then the smallest non-zero bound >= ``nnz``, then the largest grid (a bundle built with
+    several ``--sms``; the caller passes only the entries co-resident on its GPU); None when
+    there is none."""
     ok = [e for e in entries if e.arch == arch and e.spec["hidden_size"] == hidden and e.spec["dtype"] == dtype
           and e.spec["batch"] >= batch and e.spec["nnz"] >= nnz]
     if not ok:
         return None
-    return min(ok, key=lambda e: (e.spec["batch"], e.spec["nnz"]))
+    return min(ok, key=lambda e: (e.spec["batch"], e.spec["nnz"], -e.spec["grid"]))
 
 
 def describe_missing(entries, arch: str, hidden: int, batch: int, dtype: str, nnz: int) -> str:
@@ -412,7 +414,11 @@ def _plan(mod, kernels, B: int, dtype: str):
         for d in range(D):
             _, w_hh, _, _, _ = _layer_params(mod, layer, d)
             nnz = row_nnz_max(w_hh)
-            entry = choose_entry(kernels.entries, kernels.arch, mod.hidden_size, B, dtype, nnz)
+            # the entries this GPU can run first (co-resident grids: the occupancy API at load);
+            # if none fits, the best of all of them, whose reason is then reported
+            usable = [e for e in kernels.entries if not isinstance(kernels.function(e), str)]
+            entry = (choose_entry(usable, kernels.arch, mod.hidden_size, B, dtype, nnz)
+                     or choose_entry(kernels.entries, kernels.arch, mod.hidden_size, B, dtype, nnz))
             if entry is None:
                 return describe_missing(kernels.entries, kernels.arch, mod.hidden_size, B, dtype, nnz)
             fn = kernels.function(entry)

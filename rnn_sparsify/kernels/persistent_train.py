@@ -288,7 +288,7 @@ def match_entries(entries, problem):
     :class:`~rnn_sparsify.kernels.layer.LayerProblem`), or the reason none does: same hidden
     size and dtype, batch and kept count within the kernels' (smaller batches and kept sets
     are padded), the backward's fused coarse selection equal to the plan's (none: none).
-    Among several, the smallest kernels (batch, then kept count) win."""
+    Among several, the smallest kernels (batch, then kept count) win, then the largest grid."""
     if problem.packed or problem.proj_size:
         return "packed sequences and projections are not supported by the persistent training loops"
     if problem.gate_mode not in (None, "coarse"):
@@ -302,8 +302,8 @@ def match_entries(entries, problem):
         return (sp["hidden_size"] == H and sp["dtype"] == dt and sp["batch"] >= B and sp["keep"] >= k
                 and (sp["part"] == "fwd" or tuple(sp.get("coarse") or ()) == coarse))
 
-    def key(e):
-        return e.spec["batch"], e.spec["keep"]
+    def key(e):  # the smallest kernels; of equal ones (several --sms grids) the largest grid
+        return e.spec["batch"], e.spec["keep"], -e.spec["grid"]
 
     fwd = sorted((e for e in entries if e.spec.get("kind") == "persistent_train_fwd" and fits(e)), key=key)
     bwd = sorted((e for e in entries if e.spec.get("kind") == "persistent_train_bwd" and fits(e)), key=key)
@@ -361,7 +361,8 @@ def persistent_train_rule(problem):
         return kern
     from rnn_sparsify.codegen.persistent_train import PersistentTrainSpec
 
-    fe, be = m
+    usable = match_entries([e for e in _bundle_entries(path) if e.key not in kern.why], problem)
+    fe, be = usable if not isinstance(usable, str) else m  # none co-resident: report the best one's reason
     for e in (fe, be):
         if e.key in kern.why:
             return kern.why[e.key]

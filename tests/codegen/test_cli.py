@@ -110,3 +110,27 @@ def test_compile_persistent_eval_option_errors(tmp_path, capsys):
     assert "(0, 1]" in capsys.readouterr().err
     assert cli.main(base + ["--persistent-eval"]) == 7  # no bound for an LSTM spec
     assert "--nnz-max" in capsys.readouterr().err
+
+
+def test_compile_sms_option_errors(tmp_path, capsys):
+    base = ["compile", "-o", str(tmp_path / "b"), "--arch", "sm_80", "--input-size", "8", "--hidden-size", "8",
+            "--batch", "2", "--seq-len", "3"]
+    assert cli.main(base + ["--sms", "56"]) == 2
+    assert "add --persistent-eval or --persistent-train" in capsys.readouterr().err
+    assert cli.main(base + ["--persistent-eval", "--nnz-max", "4", "--sms", "114"]) == 2
+    assert "sm_80 parts have 1..108 SMs" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.tvm
+def test_compile_persistent_eval_for_two_sm_counts(tvm, nvcc, tmp_path, capsys):
+    from rnn_sparsify.codegen.manifest import Manifest
+
+    rc = cli.main(["compile", "-q", "-o", str(tmp_path / "b"), "--arch", "sm_90", "--input-size", "8",
+                   "--hidden-size", "64", "--batch", "2", "--seq-len", "3", "--persistent-eval", "--nnz-max", "16",
+                   "--sms", "16", "--sms", "32", "--cache-dir", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    ents = Manifest.load(tmp_path / "b").kernels
+    assert sorted(e.grid[0] for e in ents) == [16, 32]  # 4 and 2 units per CTA
+    assert "16 CTAs" in out and "32 CTAs" in out

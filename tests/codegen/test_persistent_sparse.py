@@ -83,3 +83,19 @@ def test_spec_validation_and_arch_choice():
     assert (s90.units, s90.grid) == (18, 128) and (s80.units, s80.grid) == (22, 105)
     # weights move into registers until the shared memory fits one CTA per SM
     assert s90.reg_nnz > 0 and s90.smem_bytes() + 1024 <= 232448
+
+
+def test_sm_count_sets_the_grid():
+    from rnn_sparsify.codegen.persistent_sparse import grid_for
+    from rnn_sparsify.codegen.persistent_train import PersistentTrainRequest
+
+    assert grid_for("sm_90") == 132 and grid_for("sm_80") == 108 and grid_for("sm_90", 114) == 114
+    s = spec_for_arch(2304, 4, 750, "bfloat16", "sm_90", sms=114)  # H100 PCIe
+    # 2304 units over 114 SMs: 21 per CTA, so 110 CTAs (the reference grid: 18 per CTA, 128 CTAs)
+    assert (s.units, s.grid) == (21, 110) and spec_for_arch(2304, 4, 750, "bfloat16", "sm_90").units == 18
+    for bad in (0, 133, 2.5, True):
+        with pytest.raises(UnsupportedGemm, match="1..132"):
+            grid_for("sm_90", bad)
+    with pytest.raises(UnsupportedGemm, match="1..108"):
+        spec_for_arch(64, 4, 16, "float32", "sm_80", sms=114)
+    assert all(s.grid <= 56 for s in PersistentTrainRequest(650, 20, 228, "bfloat16", sms=56).specs("sm_80"))

@@ -255,3 +255,26 @@ def test_hx_problem_defers_bad_state_to_nn_lstm():
                 (torch.zeros(4, 3, 8), "c")]:
         assert "nn.LSTM reports the error" in pe.hx_problem(m, bad, 3, cpu)
     assert "nn.LSTM reports" in pe.hx_problem(m, ok, 3, torch.device("meta"))
+
+
+def test_plan_takes_the_largest_co_resident_grid(tvm):
+    """A bundle built with several --sms: the largest grid the GPU can hold co-resident runs;
+    when none can, the reason of the best one is reported."""
+    I, H = 5, 19
+    m = _pruned(I, H, sparsity=0.7, seed=3)
+    nnz = pe.row_nnz_max(m.weight_hh_l0)
+    big, small = PersistentSparseSpec.make(H, 4, nnz, "float32", 5), PersistentSparseSpec.make(H, 4, nnz, "float32", 3)
+    kernels = _TwinKernels([small, big])
+    with torch.no_grad():
+        (entry, *_), = pe._plan(m, kernels, 2, "float32").values()
+    assert entry.spec["grid"] == 5
+    why = "k: 5 CTAs are not co-resident on this GPU (3 SMs x 1 CTA(s) per SM by the occupancy API)"
+    kernels.function = lambda e, f=kernels.function: why if e.spec["grid"] == 5 else f(e)
+    pe._CACHE.pop(m, None)
+    with torch.no_grad():
+        (entry, *_), = pe._plan(m, kernels, 2, "float32").values()
+        assert entry.spec["grid"] == 3
+        kernels.function = lambda e: why
+        pe._CACHE.pop(m, None)
+        with pytest.warns(RuntimeWarning, match="not co-resident"):
+            assert pe._plan(m, kernels, 2, "float32") == why

@@ -101,4 +101,13 @@ def test_selected_for_a_matching_cuda_call_and_skipped_when_not_co_resident(tvm,
     backend, verdicts = select_layer_backend(problem)
     assert not isinstance(backend, pt.PersistentTrainLayerBackend)
     assert ("persistent_train", "grid of 4 CTAs not co-resident (test)") in verdicts
+    # a bundle built with two --sms: the larger grid unless this GPU cannot hold it
+    big = [_entry("fwd", 40, 4, 20, grid=6, key="fwd6"), _entry("bwd", 40, 4, 20, coarse=(4, 8, 4), grid=6, key="bwd6")]
+    monkeypatch.setattr(pt, "_MANIFESTS", {"/fake/bundle": ENTRIES + big})
+    why.clear()
+    backend, _ = select_layer_backend(problem)
+    assert backend.fs.grid == backend.bs.grid == 6
+    why["bwd6"] = "grid of 6 CTAs not co-resident (test)"
+    backend, _ = select_layer_backend(problem)
+    assert isinstance(backend, pt.PersistentTrainLayerBackend) and backend.bs.grid == 4
     assert loads == ["/fake/bundle"]  # the manifest is read once, not on every layer call
