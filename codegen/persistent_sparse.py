@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .errors import UnsupportedGemm
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: the packed-word format (value + column offset in one 32-bit word)
 KIND = "persistent_sparse_eval"
 
 #: per arch: SMs of the reference part, shared memory per SM and the opt-in maximum per block
@@ -66,6 +66,12 @@ def _up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def packable(hidden_size: int, batch: int, dtype: str) -> bool:
+    """Whether the packed-word format can hold this kernel's non-zeros: a 16-bit value and a
+    16-bit column in one 32-bit word."""
+    return dtype in ("float16", "bfloat16") and hidden_size <= 65536
+
+
 @dataclass(frozen=True)
 class PersistentSparseSpec:
     """Static parameters of one persistent sparse eval kernel (``T`` is a run-time argument)."""
@@ -77,6 +83,7 @@ class PersistentSparseSpec:
     grid: int  # CTAs (all co-resident)
     split: int = 8  # threads per gate row
     reg_nnz: int = 0  # non-zeros per thread held in registers (the rest in shared memory)
+    packed: bool = False  # one int32 word per non-zero: 16-bit value (high half) + column (low half)
 
     kind = KIND
 
@@ -97,10 +104,13 @@ class PersistentSparseSpec:
                                   f"{self.grid} CTAs with split {self.split}; use more CTAs or a smaller split")
         if self.hidden_size * self.batch >= 2 ** 31 // 4:
             raise UnsupportedGemm("hidden_size * batch too large")
+        if self.packed and not packable(self.hidden_size, self.batch, self.dtype):
+            raise UnsupportedGemm(f"the packed-word format needs 16-bit values and hidden_size <= 65536 "
+                                  f"(the column in 16 bits), got {self.dtype}, hidden {self.hidden_size}")
 
     @classmethod
     def make(cls, hidden_size: int, batch: int, nnz: int, dtype: str, grid: int, *, split: int | None = None,
-             reg_nnz: int = 0) -> "PersistentSparseSpec":
+             reg_nnz: int = 0, packed: bool = False) -> "PersistentSparseSpec":
         """The spec with ``nnz`` rounded up to the format's multiple and ``split`` chosen: the
         largest of 8, 4, 2, 1 that keeps the CTA at <= 1024 threads."""
         units = -(-hidden_size // grid)
@@ -108,7 +118,7 @@ class PersistentSparseSpec:
         if split is None:
             split = next((s for s in (8, 4, 2, 1) if 4 * units * s <= 1024), 1)
         nnz = _up(max(nnz, 1, reg_nnz * split), max(8, split))
-        return cls(hidden_size, batch, nnz, dtype, grid, split, reg_nnz)
+        return cls(hidden_size, batch, nnz, dtype, grid, split, reg_nnz, packed)
 
     # -- derived sizes ---------------------------------------------------------------
     @property
@@ -159,8 +169,11 @@ class PersistentSparseSpec:
 
     def smem_bytes(self) -> int:
         """Dynamic shared memory per CTA: weights, h_{t-1}, partial sums (16-byte aligned parts)."""
-        w = _up(self.rows * self.smem_nnz * _BYTES[self.dtype], 16)
-        c = _up(self.rows * self.smem_nnz * _BYTES[self.idx_dtype], 16)
+        if self.packed:  # one 4-byte word per non-zero
+            w, c = _up(self.rows * self.smem_nnz * 4, 16), 0
+        else:
+            w = _up(self.rows * self.smem_nnz * _BYTES[self.dtype], 16)
+            c = _up(self.rows * self.smem_nnz * _BYTES[self.idx_dtype], 16)
         h = _up(self.h_smem_len * _BYTES[self.dtype], 16)
         p = self.threads * self.batch * 4
         return w + c + h + p
@@ -169,15 +182,16 @@ class PersistentSparseSpec:
     def name(self) -> str:
         dt = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[self.dtype]
         return (f"pse_h{self.hidden_size}_b{self.batch}_n{self.nnz}_{dt}_g{self.grid}_s{self.split}"
-                f"_r{self.reg_nnz}")
+                f"_r{self.reg_nnz}" + ("_p" if self.packed else ""))
 
     def params(self) -> list[tuple[str, tuple, str]]:
         """``(buffer, shape, dtype)``; ``"T"`` marks the run-time number of steps."""
+        w = ([("Wp", (self.rows_total, self.nnz), "int32")] if self.packed else
+             [("Wv", (self.rows_total, self.nnz), self.dtype), ("Wc", (self.rows_total, self.nnz), self.idx_dtype)])
         return [
             ("Xg", ("T", self.batch, 4 * self.hidden_size), self.dtype),
             ("Hs", ("T+1", self.h_len), self.dtype),
-            ("Wv", (self.rows_total, self.nnz), self.dtype),
-            ("Wc", (self.rows_total, self.nnz), self.idx_dtype),
+            *w,
             ("C", (self.grid * self.units * self.batch,), self.dtype),
             ("bar", (1,), "int32"),
         ]
@@ -188,7 +202,7 @@ class PersistentSparseSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "PersistentSparseSpec":
         fields = ("hidden_size", "batch", "nnz", "dtype", "grid", "split", "reg_nnz")
-        return cls(**{k: d[k] for k in fields})
+        return cls(**{k: d[k] for k in fields}, packed=bool(d.get("packed", False)))  # bundles of version 1: unpacked
 
     def describe(self) -> str:
         return (f"persistent sparse eval: hidden {self.hidden_size}, batch {self.batch}, <= {self.nnz} non-zeros "
@@ -249,13 +263,14 @@ def spec_for_arch(hidden_size: int, batch: int, nnz: int, dtype: str, arch: str,
     """One CTA per SM of ``arch``'s reference part, or of a part with ``sms`` SMs
     (:func:`grid_for`); ``reg_nnz`` (default) moves non-zeros from shared memory into registers
     until the shared memory fits one CTA per SM (at most 24 per thread: 48 registers of values
-    and columns)."""
+    and columns). 16-bit kernels use the packed-word format where it fits (:func:`packable`)."""
     grid = grid_for(arch, sms)
     lim = ARCH_LIMITS[arch]
-    spec = PersistentSparseSpec.make(hidden_size, batch, nnz, dtype, grid)
+    pk = packable(hidden_size, batch, dtype)
+    spec = PersistentSparseSpec.make(hidden_size, batch, nnz, dtype, grid, packed=pk)
     if reg_nnz is not None:
         return PersistentSparseSpec.make(hidden_size, batch, nnz, dtype, grid, split=spec.split,
-                                         reg_nnz=reg_nnz)
+                                         reg_nnz=reg_nnz, packed=pk)
     r = 0
     while spec.smem_bytes() + RESERVED_SMEM > lim["smem_block"] and r < 24 and (r + 1) * spec.split <= spec.nnz:
         r += 1
@@ -335,9 +350,11 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
     H, B, NNZ, dt = spec.hidden_size, spec.batch, spec.nnz, spec.dtype
     G, U, S, RN = spec.grid, spec.units, spec.split, spec.reg_nnz
     R4, NT, NS = spec.rows, spec.threads, spec.smem_nnz
+    P = spec.packed
     idt = spec.idx_dtype
     L, LS, HV = spec.h_len, spec.h_smem_len, spec.hvec
-    VV = 16 // _BYTES[dt]  # elements per 16-byte load of the values / columns
+    WDT = "int32" if P else dt  # the shared weight array: packed words, or the values
+    VV = 16 // _BYTES[WDT]  # elements per 16-byte load of the values (words) / columns
     VC = 16 // _BYTES[idt]
     CI = spec.cell_iters
     RNb = max(RN, 1)
@@ -353,12 +370,28 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
     # largest power of two <= 4 dividing B (TVM 0.27's CUDA codegen breaks on float32x8)
     BV = max(v for v in (1, 2, 4) if B % v == 0)
 
+    def word_value(w):
+        """The value of a packed word (its high half) as float32: a bf16 is the high half of a
+        float32, so masking is the whole conversion; an fp16 is shifted down and converted."""
+        if dt == "bfloat16":
+            return T.reinterpret(f32, T.bitwise_and(w, T.int32(-65536)))
+        return T.Cast(f32, T.reinterpret("float16", T.Cast("uint16", T.shift_right(w, 16))))
+
+    def word_column(w):
+        """The column of a packed word (its low half; ``* B`` is the offset of ``h[column, 0]``,
+        written at the use so TVM sees the batch vector's alignment and loads it in one piece)."""
+        return T.bitwise_and(w, T.int32(65535))
+
     @T.macro
     def load_regs(Wv, Wc, bx, tx, wr_v, wr_c, rb):
         # thread tx = r*S + s holds entries j*S + s (j < RN) of its row r
         for j in T.unroll(RN):
-            wr_v[rb + j] = T.Cast(f32, Wv[bx * R4 + tx // S, j * S + tx % S])
-            wr_c[rb + j] = T.Cast("int32", Wc[bx * R4 + tx // S, j * S + tx % S])
+            if P:
+                wr_v[rb + j] = word_value(Wv[bx * R4 + tx // S, j * S + tx % S])
+                wr_c[rb + j] = word_column(Wv[bx * R4 + tx // S, j * S + tx % S])
+            else:
+                wr_v[rb + j] = T.Cast(f32, Wv[bx * R4 + tx // S, j * S + tx % S])
+                wr_c[rb + j] = T.Cast("int32", Wc[bx * R4 + tx // S, j * S + tx % S])
 
     @T.macro
     def load_smem_w(Wv, Wc, bx, tx, wv_s, wc_s):
@@ -368,11 +401,12 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
                 for v in T.vectorized(VV):
                     wv_s[(i * NT + tx) * VV + v] = Wv[bx * R4 + (i * NT + tx) // RCV,
                                                       RN * S + (i * NT + tx) % RCV * VV + v]
-        for i in range((CCH + NT - 1) // NT):
-            if i * NT + tx < CCH:
-                for v in T.vectorized(VC):
-                    wc_s[(i * NT + tx) * VC + v] = Wc[bx * R4 + (i * NT + tx) // RCC,
-                                                      RN * S + (i * NT + tx) % RCC * VC + v]
+        if not P:
+            for i in range((CCH + NT - 1) // NT):
+                if i * NT + tx < CCH:
+                    for v in T.vectorized(VC):
+                        wc_s[(i * NT + tx) * VC + v] = Wc[bx * R4 + (i * NT + tx) // RCC,
+                                                          RN * S + (i * NT + tx) % RCC * VC + v]
 
     @T.macro
     def load_h(Hs, t, tx, hs_s):
@@ -392,10 +426,16 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
                     acc[bo * BV + b] = acc[bo * BV + b] + wr_v[rb + j] * T.Cast(
                         f32, hs_s[wr_c[rb + j] * B + bo * BV + b])
         for j in range(NS // S):
-            for bo in T.unroll(B // BV):
-                for b in T.vectorized(BV):
-                    acc[bo * BV + b] = acc[bo * BV + b] + T.Cast(f32, wv_s[(tx // S) * NS + j * S + tx % S]) * T.Cast(
-                        f32, hs_s[T.Cast("int32", wc_s[(tx // S) * NS + j * S + tx % S]) * B + bo * BV + b])
+            if P:  # one 32-bit shared load per non-zero: value and offset of h[column]
+                for bo in T.unroll(B // BV):
+                    for b in T.vectorized(BV):
+                        acc[bo * BV + b] = acc[bo * BV + b] + word_value(wv_s[(tx // S) * NS + j * S + tx % S]) * T.Cast(
+                            f32, hs_s[word_column(wv_s[(tx // S) * NS + j * S + tx % S]) * B + bo * BV + b])
+            else:
+                for bo in T.unroll(B // BV):
+                    for b in T.vectorized(BV):
+                        acc[bo * BV + b] = acc[bo * BV + b] + T.Cast(f32, wv_s[(tx // S) * NS + j * S + tx % S]) * T.Cast(
+                            f32, hs_s[T.Cast("int32", wc_s[(tx // S) * NS + j * S + tx % S]) * B + bo * BV + b])
         for b in T.unroll(B):
             part_s[tx * B + b] = acc[b]
 
@@ -426,6 +466,50 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
             if i * NT + tx < U * B:
                 C[bx * U * B + i * NT + tx] = T.Cast(dt, cst[ci + i])
 
+    @T.macro
+    def cuda_body(Xg, Hs, Wv, Wc, C, bar, Tn):
+        bx = T.launch_thread("blockIdx.x", G)
+        tx = T.launch_thread("threadIdx.x", NT)
+        wv_s = T.alloc_buffer((R4 * NSb,), WDT, scope="shared.dyn")
+        if P:
+            wc_s = wv_s  # the words hold the columns too
+        else:
+            wc_s = T.alloc_buffer((R4 * NSb,), idt, scope="shared.dyn")
+        hs_s = T.alloc_buffer((LS,), dt, scope="shared.dyn")
+        part_s = T.alloc_buffer((NT * B,), f32, scope="shared.dyn")
+        wr_v = T.alloc_buffer((RNb,), f32, scope="local")
+        wr_c = T.alloc_buffer((RNb,), "int32", scope="local")
+        acc = T.alloc_buffer((B,), f32, scope="local")
+        gs = T.alloc_buffer((4,), f32, scope="local")
+        cst = T.alloc_buffer((CI,), f32, scope="local")
+        seen = T.alloc_buffer((1,), "int32", scope="local")
+        load_regs(Wv, Wc, bx, tx, wr_v, wr_c, 0)
+        load_smem_w(Wv, Wc, bx, tx, wv_s, wc_s)
+        load_c(C, bx, tx, cst, 0)
+        for t in range(Tn):
+            load_h(Hs, t, tx, hs_s)
+            T.tvm_storage_sync("shared")
+            dot(tx, wr_v, wr_c, 0, wv_s, wc_s, hs_s, part_s, acc)
+            T.tvm_storage_sync("shared")
+            cell(Xg, Hs, bx, tx, t, part_s, gs, cst, 0)
+            # grid barrier: h_t of every CTA is in Hs[t + 1] before anyone reads it
+            barrier(bar, seen, tx, t, G)
+        store_c(C, bx, tx, cst, 0)
+
+    if not twin and P:
+        @T.prim_func
+        def kernel_p(xg_h: T.handle, hs_h: T.handle, wp_h: T.handle, c_h: T.handle, bar_h: T.handle):
+            T.func_attr({"global_symbol": spec.name, "tirx.noalias": True})
+            Tn = T.int32()
+            Xg = T.match_buffer(xg_h, (Tn, B, 4 * H), dt)
+            Hs = T.match_buffer(hs_h, (Tn + 1, L), dt)
+            Wp = T.match_buffer(wp_h, (G * R4, NNZ), "int32")
+            C = T.match_buffer(c_h, (G * U * B,), dt)
+            bar = T.match_buffer(bar_h, (1,), "int32")
+            cuda_body(Xg, Hs, Wp, Wp, C, bar, Tn)
+
+        return kernel_p
+
     if not twin:
         @T.prim_func
         def kernel(xg_h: T.handle, hs_h: T.handle, wv_h: T.handle, wc_h: T.handle, c_h: T.handle,
@@ -438,47 +522,18 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
             Wc = T.match_buffer(wc_h, (G * R4, NNZ), idt)
             C = T.match_buffer(c_h, (G * U * B,), dt)
             bar = T.match_buffer(bar_h, (1,), "int32")
-            bx = T.launch_thread("blockIdx.x", G)
-            tx = T.launch_thread("threadIdx.x", NT)
-            wv_s = T.alloc_buffer((R4 * NSb,), dt, scope="shared.dyn")
-            wc_s = T.alloc_buffer((R4 * NSb,), idt, scope="shared.dyn")
-            hs_s = T.alloc_buffer((LS,), dt, scope="shared.dyn")
-            part_s = T.alloc_buffer((NT * B,), f32, scope="shared.dyn")
-            wr_v = T.alloc_buffer((RNb,), f32, scope="local")
-            wr_c = T.alloc_buffer((RNb,), "int32", scope="local")
-            acc = T.alloc_buffer((B,), f32, scope="local")
-            gs = T.alloc_buffer((4,), f32, scope="local")
-            cst = T.alloc_buffer((CI,), f32, scope="local")
-            seen = T.alloc_buffer((1,), "int32", scope="local")
-            load_regs(Wv, Wc, bx, tx, wr_v, wr_c, 0)
-            load_smem_w(Wv, Wc, bx, tx, wv_s, wc_s)
-            load_c(C, bx, tx, cst, 0)
-            for t in range(Tn):
-                load_h(Hs, t, tx, hs_s)
-                T.tvm_storage_sync("shared")
-                dot(tx, wr_v, wr_c, 0, wv_s, wc_s, hs_s, part_s, acc)
-                T.tvm_storage_sync("shared")
-                cell(Xg, Hs, bx, tx, t, part_s, gs, cst, 0)
-                # grid barrier: h_t of every CTA is in Hs[t + 1] before anyone reads it
-                barrier(bar, seen, tx, t, G)
-            store_c(C, bx, tx, cst, 0)
+            cuda_body(Xg, Hs, Wv, Wc, C, bar, Tn)
 
         return kernel
 
-    @T.prim_func
-    def kernel_twin(xg_h: T.handle, hs_h: T.handle, wv_h: T.handle, wc_h: T.handle, c_h: T.handle,
-                    bar_h: T.handle):
-        T.func_attr({"global_symbol": spec.name + "_twin", "tirx.noalias": True})
-        Tn = T.int32()
-        Xg = T.match_buffer(xg_h, (Tn, B, 4 * H), dt)
-        Hs = T.match_buffer(hs_h, (Tn + 1, L), dt)
-        Wv = T.match_buffer(wv_h, (G * R4, NNZ), dt)
-        Wc = T.match_buffer(wc_h, (G * R4, NNZ), idt)
-        C = T.match_buffer(c_h, (G * U * B,), dt)
-        bar = T.match_buffer(bar_h, (1,), "int32")
+    @T.macro
+    def twin_body(Xg, Hs, Wv, Wc, C, bar, Tn):
         # a CTA's shared memory and its threads' registers, reused CTA after CTA
-        wv_s = T.alloc_buffer((R4 * NSb,), dt)
-        wc_s = T.alloc_buffer((R4 * NSb,), idt)
+        wv_s = T.alloc_buffer((R4 * NSb,), WDT)
+        if P:
+            wc_s = wv_s
+        else:
+            wc_s = T.alloc_buffer((R4 * NSb,), idt)
         hs_s = T.alloc_buffer((LS,), dt)
         part_s = T.alloc_buffer((NT * B,), f32)
         wr_v = T.alloc_buffer((NT * RNb,), f32)
@@ -505,6 +560,33 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
         for bx in range(G):
             for tx in range(NT):
                 store_c(C, bx, tx, cst, (bx * NT + tx) * CI)
+
+    if P:
+        @T.prim_func
+        def kernel_twin_p(xg_h: T.handle, hs_h: T.handle, wp_h: T.handle, c_h: T.handle, bar_h: T.handle):
+            T.func_attr({"global_symbol": spec.name + "_twin", "tirx.noalias": True})
+            Tn = T.int32()
+            Xg = T.match_buffer(xg_h, (Tn, B, 4 * H), dt)
+            Hs = T.match_buffer(hs_h, (Tn + 1, L), dt)
+            Wp = T.match_buffer(wp_h, (G * R4, NNZ), "int32")
+            C = T.match_buffer(c_h, (G * U * B,), dt)
+            bar = T.match_buffer(bar_h, (1,), "int32")
+            twin_body(Xg, Hs, Wp, Wp, C, bar, Tn)
+
+        return kernel_twin_p
+
+    @T.prim_func
+    def kernel_twin(xg_h: T.handle, hs_h: T.handle, wv_h: T.handle, wc_h: T.handle, c_h: T.handle,
+                    bar_h: T.handle):
+        T.func_attr({"global_symbol": spec.name + "_twin", "tirx.noalias": True})
+        Tn = T.int32()
+        Xg = T.match_buffer(xg_h, (Tn, B, 4 * H), dt)
+        Hs = T.match_buffer(hs_h, (Tn + 1, L), dt)
+        Wv = T.match_buffer(wv_h, (G * R4, NNZ), dt)
+        Wc = T.match_buffer(wc_h, (G * R4, NNZ), idt)
+        C = T.match_buffer(c_h, (G * U * B,), dt)
+        bar = T.match_buffer(bar_h, (1,), "int32")
+        twin_body(Xg, Hs, Wv, Wc, C, bar, Tn)
 
     return kernel_twin
 

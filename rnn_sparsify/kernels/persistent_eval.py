@@ -89,13 +89,15 @@ def bank_aware_order(rows: Tensor, cols: Tensor, spec: PersistentSparseSpec) -> 
     return torch.argsort((rows * (int(q.max()) + 1) + q) * ns + slot_r)
 
 
-def pack_ell(w_hh: Tensor, spec: PersistentSparseSpec, *, bank_aware: bool = True) -> tuple[Tensor, Tensor]:
+def pack_ell(w_hh: Tensor, spec: PersistentSparseSpec, *, bank_aware: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """``(Wv, Wc)``: ``w_hh`` (4H, H, gate-major like ``nn.LSTM``) in the kernel's format.
 
     Row ``4*j + g`` holds gate ``g`` of unit ``j`` (rows past ``4H`` are empty); each row's
     non-zeros in the :func:`bank_aware_order` (``bank_aware=False``: column order), padded to
     ``spec.nnz`` with ``(col 0, value 0)``. Raises ValueError when a row has more non-zeros
-    than the bound."""
+    than the bound. A ``spec.packed`` kernel takes ``(Wp, None)`` instead: one int32 word per
+    entry, the value's 16 bits in the high half and the column in the low half
+    (:func:`pack_words`)."""
     H = spec.hidden_size
     if tuple(w_hh.shape) != (4 * H, H):
         raise ValueError(f"W_hh must be ({4 * H}, {H}), got {tuple(w_hh.shape)}")
@@ -115,7 +117,25 @@ def pack_ell(w_hh: Tensor, spec: PersistentSparseSpec, *, bank_aware: bool = Tru
     Wc = torch.zeros(spec.rows_total, spec.nnz, dtype=idt, device=w.device)
     Wv[rows, slot] = w[rows, cols].to(Wv.dtype)
     Wc[rows, slot] = cols.to(idt)
+    if spec.packed:
+        return pack_words(Wv, Wc), None
     return Wv, Wc
+
+
+def pack_words(Wv: Tensor, Wc: Tensor) -> Tensor:
+    """The packed-word format of 16-bit values ``Wv`` and their columns ``Wc`` (same shape):
+    ``int32(bits(value) << 16 | column)`` (two's complement, as the kernel reads it)."""
+    bits = Wv.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    word = (bits << 16) | (Wc.to(torch.int64) & 0xFFFF)
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+
+
+def unpack_words(Wp: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(values, columns)`` of a packed-word format (the inverse of :func:`pack_words`)."""
+    w = Wp.to(torch.int64) & 0xFFFFFFFF
+    bits = (w >> 16).to(torch.int32)
+    bits = torch.where(bits >= 2 ** 15, bits - 2 ** 16, bits).to(torch.int16)
+    return bits.view(dtype), (w & 0xFFFF).to(torch.int32)
 
 
 def h_wavefronts(Wc: Tensor, spec: PersistentSparseSpec) -> float:
@@ -143,9 +163,12 @@ def h_wavefronts(Wc: Tensor, spec: PersistentSparseSpec) -> float:
     return float(per_warp.double().mean())
 
 
-def unpack_ell(Wv: Tensor, Wc: Tensor, spec: PersistentSparseSpec) -> Tensor:
-    """The dense (4H, H) gate-major matrix of a packed format (tests, debugging)."""
+def unpack_ell(Wv: Tensor, Wc: Optional[Tensor], spec: PersistentSparseSpec) -> Tensor:
+    """The dense (4H, H) gate-major matrix of a packed format (tests, debugging); for a
+    ``spec.packed`` format ``Wv`` holds the words and ``Wc`` is ignored."""
     H = spec.hidden_size
+    if spec.packed:
+        Wv, Wc = unpack_words(Wv, getattr(torch, spec.dtype))
     d = torch.zeros(spec.rows_total, H, dtype=torch.float64, device=Wv.device)
     d.scatter_add_(1, Wc.long(), Wv.double())
     return d[:4 * H].reshape(H, 4, H).transpose(0, 1).reshape(4 * H, H)
@@ -156,8 +179,9 @@ def layer_forward(xg: Tensor, h0: Tensor, c0: Tensor, Wv: Tensor, Wc: Tensor, sp
     """One layer/direction: ``xg`` (T, B, 4H) = x @ W_ih.T + biases, ``h0``/``c0`` (B, H).
 
     Allocates the kernel's buffers (batch padded to ``spec.batch``), calls
-    ``launch(Xg=, Hs=, Wv=, Wc=, C=, bar=)`` once, returns ``(out (T, B, H), h_T, c_T)`` in
-    ``xg``'s dtype. ``launch`` is the cubin on a GPU, or the CPU twin in the tests."""
+    ``launch(Xg=, Hs=, Wv=, Wc=, C=, bar=)`` once (a packed spec: ``Wp=`` the words passed as
+    ``Wv``, instead of ``Wv``/``Wc``), returns ``(out (T, B, H), h_T, c_T)`` in ``xg``'s dtype.
+    ``launch`` is the cubin on a GPU, or the CPU twin in the tests."""
     T, B, H4 = xg.shape
     H, Bp = spec.hidden_size, spec.batch
     if H4 != 4 * H or B > Bp:
@@ -172,7 +196,8 @@ def layer_forward(xg: Tensor, h0: Tensor, c0: Tensor, Wv: Tensor, Wc: Tensor, sp
     C = torch.zeros(spec.grid * spec.units * Bp, dtype=dt, device=dev)
     C[:H * Bp].view(H, Bp)[:, :B] = c0.t().to(dt)
     bar = torch.zeros(1, dtype=torch.int32, device=dev)  # the barrier counter starts at 0 every launch
-    launch(Xg=Xg, Hs=Hs, Wv=Wv, Wc=Wc, C=C, bar=bar)
+    weights = {"Wp": Wv} if spec.packed else {"Wv": Wv, "Wc": Wc}
+    launch(Xg=Xg, Hs=Hs, **weights, C=C, bar=bar)
     out = Hs[1:, :H * Bp].view(T, H, Bp)[:, :, :B].permute(0, 2, 1)
     cT = C[:H * Bp].view(H, Bp)[:, :B].t()
     return out.to(xg.dtype), out[-1].to(xg.dtype), cT.to(xg.dtype)
@@ -556,5 +581,5 @@ def _run_packed(mod, packed, hx, kernels, plan):
     return PackedSequence(layer_in, bs, si, ui), (hn, cn)
 
 
-__all__ = ["BACKEND", "bank_aware_order", "choose_entry", "h_slots", "h_wavefronts", "layer_forward", "pack_ell", "row_nnz_max", "sparse_persistent_forward",
-           "unpack_ell", "use_bundle", "why_not_static"]
+__all__ = ["BACKEND", "bank_aware_order", "choose_entry", "h_slots", "h_wavefronts", "layer_forward", "pack_ell", "pack_words", "row_nnz_max", "sparse_persistent_forward",
+           "unpack_ell", "unpack_words", "use_bundle", "why_not_static"]

@@ -46,14 +46,21 @@ CASES = [
     (11, 23, 8, 5, 0.30, 3, 0, 2, "float16", 4e-3),    # 16-bit values/h (fp16 rounding); 2 vectors of 4
     (7, 40, 4, 4, 0.15, 8, 8, 1, "bfloat16", 3e-2),    # every non-zero in registers: no shared-memory entries
 ]
+# the packed-word format (value + column in one int32): bf16 and fp16, registers and shared memory
+PACKED = [
+    (9, 37, 4, 6, 0.30, 5, 1, 6, "bfloat16", 3e-2),
+    (11, 23, 8, 5, 0.30, 3, 0, 2, "float16", 4e-3),
+    (7, 40, 2, 4, 0.15, 8, 8, 1, "bfloat16", 3e-2),    # all in registers
+]
 
 
-@pytest.mark.parametrize("n_in,H,B,T,density,grid,reg,empty,dtype,atol", CASES)
-def test_twin_matches_float64_lstm(tvm, n_in, H, B, T, density, grid, reg, empty, dtype, atol):
+@pytest.mark.parametrize("n_in,H,B,T,density,grid,reg,empty,dtype,atol,packed",
+                         [(*c, False) for c in CASES] + [(*c, True) for c in PACKED])
+def test_twin_matches_float64_lstm(tvm, n_in, H, B, T, density, grid, reg, empty, dtype, atol, packed):
     gen = torch.Generator().manual_seed(1000 + H * B)
     lstm = _masked_lstm(n_in, H, density, gen, empty)
     w_hh = lstm.weight_hh_l0.detach()
-    spec = PersistentSparseSpec.make(H, B, row_nnz_max(w_hh), dtype, grid, reg_nnz=reg)
+    spec = PersistentSparseSpec.make(H, B, row_nnz_max(w_hh), dtype, grid, reg_nnz=reg, packed=packed)
     assert spec.grid * spec.units >= H
     if reg == 8:
         assert spec.smem_nnz == 0, spec
@@ -66,7 +73,7 @@ def test_twin_matches_float64_lstm(tvm, n_in, H, B, T, density, grid, reg, empty
     Wv, Wc = pack_ell(w_hh.float(), spec)
     fn = _twin(spec)
     out, hT, cT = layer_forward(xg, h0[0].float(), c0[0].float(), Wv, Wc, spec,
-                                lambda **b: fn(b["Xg"], b["Hs"], b["Wv"], b["Wc"], b["C"], b["bar"]))
+                                lambda **b: fn(*[b[n] for n, _, _ in spec.params()]))
     # float32 accumulation in another order (and fp16 h/c storage for the 16-bit kernel)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=atol)
     torch.testing.assert_close(hT.double(), hn[0], rtol=0, atol=atol)

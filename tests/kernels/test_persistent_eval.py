@@ -113,7 +113,7 @@ class _TwinKernels:
 
     def launch(self, entry, fn, **b):
         self.launches += 1
-        fn(b["Xg"], b["Hs"], b["Wv"], b["Wc"], b["C"], b["bar"])
+        fn(*[b[n] for n, _, _ in PersistentSparseSpec.from_dict(entry.spec).params()])
 
 
 @pytest.mark.parametrize("bidirectional,batch_first,with_hx", [(True, True, True), (False, False, False)])
@@ -278,3 +278,24 @@ def test_plan_takes_the_largest_co_resident_grid(tvm):
         pe._CACHE.pop(m, None)
         with pytest.warns(RuntimeWarning, match="not co-resident"):
             assert pe._plan(m, kernels, 2, "float32") == why
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_packed_words_hold_the_exact_values_and_columns(dtype):
+    gen = torch.Generator().manual_seed(13)
+    H = 300  # columns above 255: both bytes of the column half are used
+    w = torch.randn(4 * H, H, generator=gen) * (torch.rand(4 * H, H, generator=gen) < 0.05)
+    w[3, 7], w[8, 299] = -65504.0 if dtype == "float16" else -3.0e38, 2.0 ** -14  # sign bit, extremes
+    spec = PersistentSparseSpec.make(H, 2, pe.row_nnz_max(w), dtype, 16, packed=True)
+    Wp, none = pe.pack_ell(w, spec, bank_aware=False)
+    assert none is None and Wp.dtype == torch.int32 and Wp.shape == (spec.rows_total, spec.nnz)
+    torch.testing.assert_close(pe.unpack_ell(Wp, None, spec), w.to(getattr(torch, dtype)).double(), rtol=0, atol=0)
+    ref_v, ref_c = pe.pack_ell(w, PersistentSparseSpec.make(H, 2, pe.row_nnz_max(w), dtype, 16), bank_aware=False)
+    v, c = pe.unpack_words(Wp, getattr(torch, dtype))
+    assert torch.equal(v.view(torch.int16), ref_v.view(torch.int16)) and torch.equal(c, ref_c.int())
+    # the kernel's decoding: bf16 = the word with the low half cleared, read as float32
+    if dtype == "bfloat16":
+        assert torch.equal((Wp & -65536).view(torch.float32), ref_v.float())
+    assert torch.equal(Wp & 0xFFFF, ref_c.int())
+    with pytest.raises(Exception, match="packed-word format"):
+        PersistentSparseSpec.make(H, 2, 8, "float32", 16, packed=True)
