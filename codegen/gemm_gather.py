@@ -218,22 +218,44 @@ class IndexedGemm:
 # per CTA.
 PER_STEP_TARGET_CTAS = 132
 PER_STEP_MIN_STAGES = 2
+# The whole-sequence backward-data (dx: M = batch, N = kept inputs, K = 4H, T steps in one
+# launch) has plenty of CTAs without a split (T x N tiles: 210 at 650/B20) but a long K (82-188
+# stages of 32): split-K up to SEQ_TARGET_CTAS (4 four-warp CTAs per SM of an H100) and at
+# most SEQ_MAX_STAGES stages per CTA. Not fewer stages: every slice adds a (T, Mp, Np) fp32
+# partial that the wrapper writes and sums (docs/codegen.md, "Known limits").
+SEQ_TARGET_CTAS = 4 * 132
+SEQ_MAX_STAGES = 32
+
+
+def split_tile(M: int, N: int, K: int, T: int = 1, target_ctas: int = PER_STEP_TARGET_CTAS,
+               min_stages: int = PER_STEP_MIN_STAGES, max_stages: int | None = None) -> Tile:
+    """Tile of a GEMM ``(M, N, K)`` (``M`` = batch) run for ``T`` steps in one launch: ``bm`` =
+    16, 32 or 64 (the smallest >= M, 64 above), ``bn`` = 64, ``bk`` = 32, and ``split_k``
+    slices of ``ceil(stages / wanted)`` K stages each (at least ``min_stages``, at most
+    ``max_stages`` when given: the cap wins), ``wanted`` = ``ceil(target_ctas / (T * tiles))``;
+    every slice holds at least one stage of real K (none is all padding), so the count can land
+    a little under ``wanted``."""
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    bn, bk = 64, 32
+    tiles = T * math.ceil(max(M, 1) / bm) * math.ceil(max(N, 1) / bn)
+    stages = math.ceil(max(K, 1) / bk)
+    per = max(min_stages, math.ceil(stages / math.ceil(target_ctas / tiles)))
+    if max_stages is not None:
+        per = min(per, max_stages)
+    split = max(1, math.ceil(stages / per))
+    return Tile(bm=bm, bn=bn, bk=bk, warps_m=1 if bm == 16 else 2, warps_n=2, split_k=split)
 
 
 def per_step_tile(M: int, N: int, K: int, target_ctas: int = PER_STEP_TARGET_CTAS,
                   min_stages: int = PER_STEP_MIN_STAGES) -> Tile:
-    """Tile of a one-step GEMM ``(M, N, K)`` (``M`` = batch): ``bm`` = 16, 32 or 64 (the
-    smallest >= M, 64 above), ``bn`` = 64, ``bk`` = 32, and ``split_k`` slices of
-    ``ceil(stages / wanted)`` K stages each (at least ``min_stages``), ``wanted`` =
-    ``ceil(target_ctas / tiles)``; every slice holds at least one stage of real K (none is
-    all padding), so the count can land a little under ``wanted``."""
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64
-    bn, bk = 64, 32
-    tiles = math.ceil(max(M, 1) / bm) * math.ceil(max(N, 1) / bn)
-    stages = math.ceil(max(K, 1) / bk)
-    per = max(min_stages, math.ceil(stages / math.ceil(target_ctas / tiles)))
-    split = max(1, math.ceil(stages / per))
-    return Tile(bm=bm, bn=bn, bk=bk, warps_m=1 if bm == 16 else 2, warps_n=2, split_k=split)
+    """Tile of a one-step GEMM (:func:`split_tile` with ``T = 1``, no stage cap)."""
+    return split_tile(M, N, K, 1, target_ctas, min_stages)
+
+
+def sequence_tile(T: int, M: int, N: int, K: int) -> Tile:
+    """Tile of the whole-sequence backward-data (dx): :func:`split_tile` over ``T`` steps to
+    ``SEQ_TARGET_CTAS`` CTAs and at most ``SEQ_MAX_STAGES`` K stages per CTA."""
+    return split_tile(M, N, K, T, SEQ_TARGET_CTAS, PER_STEP_MIN_STAGES, SEQ_MAX_STAGES)
 
 
 def _check_gather(owner: str, what: str, kept: int, src: int, P: int) -> None:

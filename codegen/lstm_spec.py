@@ -26,7 +26,9 @@ K_w, k)``, at row granularity (see :func:`fine_rows`), for the full batch ``B`` 
 
 The per-step GEMMs (``T = 1``: the recurrent ones, and the input ones of a one-step spec)
 get :func:`~.gemm_gather.per_step_tile` (small M tile, split-K
-to >= 132 CTAs); the sequence GEMMs the default tile. A GEMM with nothing sparse is dense and
+to >= 132 CTAs); the whole-sequence ``bwd_data`` (dx) :func:`~.gemm_gather.sequence_tile`
+(small M tile, split-K to >= 528 CTAs and <= 32 K stages per CTA); the other sequence GEMMs
+the default tile. A GEMM with nothing sparse is dense and
 stays on cuBLAS (no spec).
 Pure Python: no TVM, no torch needed for :class:`LSTMSpec` itself.
 """
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import UnsupportedGemm
-from .gemm_gather import BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, IndexedGemm, WgradT, per_step_tile
+from .gemm_gather import BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, IndexedGemm, WgradT, per_step_tile, sequence_tile
 
 _DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
            "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
@@ -169,8 +171,9 @@ class LSTMSpec:
                         S=fine["S"], Mx=fine["Mx"], My=1, kb=fine["kb"], n_rows=fine["nb"], K=K, k=k, dtype=dt)))
                 continue
             if kc is not None or k_in is not None:
+                dx_tile = per_step_tile if T == 1 else lambda *mnk: sequence_tile(T, *mnk)
                 out.append(("bwd_data", GatherKN(T=T, M=B, Nw=4 * H, Kw=I, kc=kc, kn=k_in, dtype=dt, P=P,
-                                                 **step_tile(B, k_in or I, kc or 4 * H))))
+                                                 tile=dx_tile(B, k_in or I, kc or 4 * H))))
                 out.append(("wgrad", WgradT(T=T, B=B, kc=kc or 4 * H, K=I, k=k_in, dtype=dt)))
             if kc is not None or k_h is not None:
                 out.append(("bwd_data", GatherKN(T=1, M=B, Nw=4 * H, Kw=H, kc=kc, kn=k_h, dtype=dt, P=P,

@@ -126,6 +126,9 @@ SPECS = {
                                           tile=Tile(bm=16, bn=64, bk=16, warps_m=1, warps_n=2, split_k=4)),
     "bwd_data_bf16_coarse_seq_split_k2": GatherKN(T=2, M=20, Nw=64, Kw=48, kc=16, kn=24, P=4, dtype="bfloat16",
                                                   tile=Tile(bm=32, bn=32, bk=16, warps_m=2, warps_n=1, split_k=2)),
+    # the whole-sequence dx tile (LSTMSpec.gemms: sequence_tile): 32x64, 4 slices of 2 stages
+    "bwd_data_dx_bf16_sequence_tile": GatherKN(T=4, M=20, Nw=256, Kw=80, kc=None, kn=40, dtype="bfloat16",
+                                               tile=Tile(bm=32, bn=64, bk=32, warps_m=2, warps_n=2, split_k=4)),
     "fwd_bf16_aligned_vec_split_k2": GatherK(T=1, M=64, N=128, K=128, k=64, P=8, dtype="bfloat16",
                                              tile=Tile(bm=64, bn=64, bk=16, warps_m=2, warps_n=2, split_k=2)),
     # float32 models: the SIMT schedule (shared tiles, a register tile per thread)
@@ -219,7 +222,8 @@ def _overlapping_slices(good):
     return slice_
 
 
-@pytest.mark.parametrize("name", ["fwd_recurrent_fp16_split_k3", "bwd_data_dh_bf16_split_k4"])
+@pytest.mark.parametrize("name", ["fwd_recurrent_fp16_split_k3", "bwd_data_dh_bf16_split_k4",
+                                  "bwd_data_dx_bf16_sequence_tile"])
 def test_planted_split_k_offset_bug_fails(tvm, monkeypatch, name):
     """A K-slice offset off by one ``bk`` stage (slices overlap, the last stage is never
     read) fails the float64 comparison; so does summing only the first slice's partial."""

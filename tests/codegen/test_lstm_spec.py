@@ -2,7 +2,7 @@
 import pytest
 
 from rnn_sparsify.codegen.errors import UnsupportedGemm
-from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, WgradT, per_step_tile
+from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, WgradT, per_step_tile, sequence_tile
 from rnn_sparsify.codegen.lstm_spec import LSTMSpec, kept_gate_columns, specs_from_model
 
 
@@ -14,7 +14,8 @@ def test_dropout_only_lstm():
     assert ("fwd_input", GatherK(T=35, M=64, N=2048, K=512, k=256)) in pairs
     assert ("fwd_recurrent", GatherK(T=1, M=64, N=2048, K=512, k=256,
                                           tile=per_step_tile(64, 2048, 256))) in pairs
-    assert ("bwd_data", GatherKN(T=35, M=64, Nw=2048, Kw=512, kc=None, kn=256)) in pairs
+    assert ("bwd_data", GatherKN(T=35, M=64, Nw=2048, Kw=512, kc=None, kn=256,
+                                 tile=sequence_tile(35, 64, 256, 2048))) in pairs
     assert ("bwd_data", GatherKN(T=1, M=64, Nw=2048, Kw=512, kc=None, kn=256,
                                       tile=per_step_tile(64, 256, 2048))) in pairs
     assert ("wgrad", WgradT(T=35, B=64, kc=2048, K=512, k=256)) in pairs
@@ -33,7 +34,8 @@ def test_gate_sparsity_and_layers():
     # 24 columns = 6 slices of 4 = 2 regions of 3, one slice dropped per region
     assert kept_gate_columns(6, {"mode": "coarse", "P": 4, "R": 3, "S": 1}) == 16
     # layer 1 input = 2H; dnet's kept columns are aligned slices of P = 4: block-indexed rows
-    assert ("bwd_data", GatherKN(T=5, M=4, Nw=24, Kw=12, kc=16, kn=None, P=4)) in kinds
+    assert ("bwd_data", GatherKN(T=5, M=4, Nw=24, Kw=12, kc=16, kn=None, P=4,
+                                 tile=sequence_tile(5, 4, 12, 16))) in kinds
     assert all(sp.P == 4 for m, sp in kinds if m == "bwd_data")
     assert ("wgrad", WgradT(T=5, B=4, kc=16, K=12, k=None)) in kinds  # the wgrad kernel never reads g_cols
     assert all(m != "fwd_input" for m, _ in kinds)

@@ -15,6 +15,8 @@ DT = torch.float16
 # slices of 16 (the second all padding), dh bwd_data K = 4H = 48 in three slices of 16
 SPLIT2 = Tile(bm=16, bn=32, bk=16, warps_m=1, warps_n=2, split_k=2)
 SPLIT3 = Tile(bm=16, bn=32, bk=16, warps_m=1, warps_n=2, split_k=3)
+# the whole-sequence dx kernel splits K too (sequence_tile): kc = 24 in two slices of 16
+SEQ_SPLIT2 = Tile(bm=16, bn=32, bk=16, warps_m=1, warps_n=2, split_k=2)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def backend(tvm):
     specs = [
         GatherK(T=T, M=B, N=4 * H, K=I, k=9, dtype="float16"),
         GatherK(T=1, M=B, N=4 * H, K=H, k=5, dtype="float16", tile=SPLIT2),
-        GatherKN(T=T, M=B, Nw=4 * H, Kw=I, kc=24, kn=9, dtype="float16"),
+        GatherKN(T=T, M=B, Nw=4 * H, Kw=I, kc=24, kn=9, dtype="float16", tile=SEQ_SPLIT2),
         GatherKN(T=1, M=B, Nw=4 * H, Kw=H, kc=None, kn=5, dtype="float16", tile=SPLIT3),
         WgradT(T=T, B=B, kc=24, K=I, k=9, dtype="float16"),
         WgradT(T=T, B=B, kc=4 * H, K=H, k=5, dtype="float16"),
@@ -156,5 +158,7 @@ def test_step_kernels_run_split_k(backend):
     only the sum; slice 0 alone is off: tests/codegen/test_emulate_schedule.py)."""
     splits = sorted(k.spec.tile.split_k for k in backend.bundle.kernels.values() if k.spec.T == 1)
     assert splits == [2, 3]
+    seq = [k for k in backend.bundle.kernels.values() if k.spec.kind == "gather_kn" and k.spec.T == T]
+    assert [k.spec.tile.split_k for k in seq] == [2]  # the sequence dx (T steps x 2 slices)
     for k in backend.bundle.kernels.values():
         assert k.out_shape[0] == k.spec.T * k.spec.tile.split_k
