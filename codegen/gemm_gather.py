@@ -472,6 +472,81 @@ class WgradT(IndexedGemm):
         )
 
 
+def rows_tile(M: int) -> Tile:
+    """Default tile of :class:`GatherRowsT` for a batch of ``M`` rows (the GEMM's N): 128 rows
+    of ``4H`` per CTA, ``bn`` = 16, 32 or 64 batch columns (the smallest >= M, 64 above), four
+    warps of 32x16 / 32x32 / 64x32."""
+    bn = 16 if M <= 16 else 32 if M <= 32 else 64
+    return Tile(bm=128, bn=bn, bk=32, warps_m=4 if bn < 64 else 2, warps_n=1 if bn < 64 else 2)
+
+
+@dataclass(frozen=True)
+class GatherRowsT(IndexedGemm):
+    """``C[t] = (A[t][:, kept_t] @ W[:, kept_t].T).T`` -- :class:`GatherK`'s product, transposed,
+    from operands whose kept units are whole *rows* (``4H`` as M, the batch as N).
+
+    The caller passes the weight transposed and the input transposed per step, so kept input
+    unit ``i`` is one contiguous row of each: ``Wt``: (K + 1, Np) = ``W.T`` zero-padded to the
+    tile's ``Np`` columns, plus a zero row ``K``; ``Xt``: (T, K + 1, Mp) = ``A[t].T`` zero-padded
+    to ``Mp`` batch columns, plus a zero row ``K``; ``idx``: (T, Kp) int32, the kept units of each
+    step followed by ``K`` (the zero rows) up to the padded reduction ``Kp``. The kernel has no
+    bounds guards: every gather is a whole row, one index per row, in 16-byte vectors (the
+    CUDA schedule copies them global->shared with ``cp.async`` in a multi-stage pipeline,
+    :func:`~.schedule.tensorcore`). ``C``: (T * split_k, Np, Mp) fp32 (``C[t][n, m]`` =
+    output ``(m, n)`` of step ``t``). Only blocks of ``P = 1`` (dropout units).
+    """
+
+    T: int
+    M: int
+    N: int
+    K: int
+    k: int
+    dtype: str = "bfloat16"
+    tile: Tile = field(default_factory=lambda: rows_tile(32))
+
+    kind: ClassVar[str] = "gather_rows_t"
+    splittable: ClassVar[bool] = True
+    a_trans: ClassVar[bool] = True
+    pipeline_stages: ClassVar[int] = 3  # shared-memory stages of the CUDA schedule's K loop
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        _check_gather("GatherRowsT", "k", self.k, self.K, 1)
+        if self.dtype == "float32":
+            raise UnsupportedGemm("GatherRowsT: float16/bfloat16 only (tensor cores; float32 takes GatherK)")
+
+    @property
+    def mnk(self):
+        return self.N, self.M, self.k
+
+    def params(self):
+        Np, Mp, Kp = self.padded
+        return [
+            ("Wt", (self.K + 1, Np), self.dtype),
+            ("Xt", (self.T, self.K + 1, Mp), self.dtype),
+            ("idx", (self.T, Kp), "int32"),
+            ("C", self.out_shape, "float32"),
+        ]
+
+    def _compute(self, te, b):
+        Wt, Xt, idx = b["Wt"], b["Xt"], b["idx"]
+        Np, Mp, _ = self.padded
+        TS, Ks = self.out_shape[0], self.k_slice
+
+        def row(tt, r):
+            t, j = self._slice(tt, r)
+            return t, idx[t, j]
+
+        Ag = te.compute((TS, Ks, Np), lambda tt, r, n: Wt[row(tt, r)[1], n], name="A_g")
+        Bg = te.compute((TS, Ks, Mp), lambda tt, r, m: Xt[row(tt, r)[0], row(tt, r)[1], m], name="B_g")
+        r = te.reduce_axis((0, Ks), name="r")
+        return te.compute(
+            (TS, Np, Mp),
+            lambda t, n, m: te.sum(Ag[t, r, n].astype("float32") * Bg[t, r, m].astype("float32"), axis=r),
+            name="C",
+        )
+
+
 def _check_blockrows(owner: str, S: int, Mx: int, My: int, kb: int, nb: int) -> None:
     for name, v in (("S", S), ("Mx", Mx), ("My", My)):
         if v < 1:
@@ -653,7 +728,7 @@ def problem_key(spec_dict: dict[str, Any]) -> tuple:
 
 
 GENERATORS: dict[str, type[IndexedGemm]] = {
-    c.kind: c for c in (GatherK, GatherKN, WgradT, BlockRowsData, BlockRowsWgrad)
+    c.kind: c for c in (GatherK, GatherKN, WgradT, BlockRowsData, BlockRowsWgrad, GatherRowsT)
 }
 
 

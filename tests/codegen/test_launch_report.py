@@ -6,7 +6,7 @@ import pytest
 
 from rnn_sparsify.codegen import launch_report as lr
 from rnn_sparsify.codegen.gemm_gather import (SEQ_MAX_STAGES, SEQ_TARGET_CTAS, GatherK, GatherKN, Tile, per_step_tile,
-                                              sequence_tile)
+                                              rows_tile, sequence_tile)
 from rnn_sparsify.codegen.schedule import launch_dims, tensorcore
 
 SPECS = lr.readme_specs()
@@ -29,13 +29,16 @@ def test_ctas_match_the_schedule_grid(name):
 def test_per_step_kernels_fill_the_gpu(name):
     """The per-step (T = 1) GEMMs launch >= 100 CTAs (132-SM H100, 108-SM A100); the
     whole-sequence dx (``bwd_data``, T = 35) >= SEQ_TARGET_CTAS CTAs with <= SEQ_MAX_STAGES K
-    stages each; the other sequence GEMMs keep the default tile."""
+    stages each; the sequence input projection is the whole-row kernel (``rows_tile``: 128 rows
+    of 4H, the batch in a 32/64-column tile); ``wgrad`` keeps the default tile."""
     for method, g in SPECS[name].gemms():
         if g.T == 1 or method == "bwd_data":
             assert g.ctas >= (100 if g.T == 1 else SEQ_TARGET_CTAS), (method, g.ctas, g)
             assert g.tile.bm < 64 or g.mnk[0] > 32, (method, g)  # batch 20 not in a 64-row tile
             if g.T > 1:
                 assert g.k_stages <= SEQ_MAX_STAGES and g.tile.split_k > 1, (method, g)
+        elif method == "fwd_input":
+            assert g.kind == "gather_rows_t" and g.tile == rows_tile(g.M) and g.ctas >= SEQ_TARGET_CTAS, g
         else:
             assert g.tile == Tile(), (method, g)
 
