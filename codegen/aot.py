@@ -90,11 +90,17 @@ def build_entry(spec: IndexedGemm, arch: str, folder: Path, versions: dict[str, 
     """Generate, compile and describe one kernel into ``folder`` (no cache)."""
     import tvm
 
-    from .schedule import cuda_schedule
+    from .schedule import cuda_schedule, pass_config
 
     _check_arch(arch)
     sch, grid, block = cuda_schedule(spec)
-    lib = tvm.compile(sch.mod, target=tvm.target.Target({"kind": "cuda", "arch": arch}))
+    target = tvm.target.Target({"kind": "cuda", "arch": arch})
+    config = pass_config(spec)  # cp.async for the software-pipelined kernels, else none
+    if config:
+        with tvm.transform.PassContext(config=config):
+            lib = tvm.compile(sch.mod, target=target)
+    else:
+        lib = tvm.compile(sch.mod, target=target)
     cu = lib.mod.imports[0].inspect_source("cuda")
     symbol = f"{spec.name}_kernel"
     bound, params = kernel_signature(cu, symbol)

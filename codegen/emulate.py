@@ -19,7 +19,12 @@ scheduled function on the CPU:
    barrier gives: each cooperative copy of a K stage completes before the fragments read it;
 3. the result is built for LLVM.
 
-Not checked: barrier placement and data races (serial loops cannot race), bank conflicts,
+A software-pipelined K loop (:class:`~.gemm_gather.GatherRowsT`) keeps its stages and order,
+hence the multi-buffered tiles and the prologue/body/epilogue, but loses its async stage: the
+copies that are ``cp.async`` on the GPU complete at once here.
+
+Not checked: barrier placement and data races (serial loops cannot race), the
+``cp.async.wait_group`` counts (the CUDA source test checks them), bank conflicts,
 the PTX strings the real intrinsics emit (the SASS tests look for HMMA/LDSM), and the PTX
 register layouts themselves: they are transcribed from the PTX ISA into the stand-ins, and a
 misreading that the ldmatrix and mma stand-ins share would cancel out unnoticed.
@@ -175,6 +180,7 @@ def _default_formulas():
 
 _DEFAULT_FORMULAS = _default_formulas()
 
+_ASYNC_STAGES = re.compile(r'"software_pipeline_async_stages": \[[^\]]*\],?\s*')
 _THREAD_BINDING = re.compile(r'T\.thread_binding\(([^()]*?),\s*thread="[^"]+"\)')
 
 
@@ -185,6 +191,10 @@ def serialize(mod):
 
     text = mod.script()
     text, n = _THREAD_BINDING.subn(r"T.serial(\1)", text)
+    # a software-pipelined K loop keeps its stages, order and multi-buffered tiles (what
+    # InjectSoftwarePipeline builds from them is the same either way), but not the async
+    # stage: serial copies complete at once, like cp.async after its wait_group
+    text = _ASYNC_STAGES.sub("", text)
     for scope in ("shared", "warp", "local"):
         text = text.replace(f'"{scope}"', '"global"')
     if "thread_binding" in text:

@@ -218,22 +218,44 @@ class IndexedGemm:
 # per CTA.
 PER_STEP_TARGET_CTAS = 132
 PER_STEP_MIN_STAGES = 2
+# The whole-sequence backward-data (dx: M = batch, N = kept inputs, K = 4H, T steps in one
+# launch) has plenty of CTAs without a split (T x N tiles: 210 at 650/B20) but a long K (82-188
+# stages of 32): split-K up to SEQ_TARGET_CTAS (4 four-warp CTAs per SM of an H100) and at
+# most SEQ_MAX_STAGES stages per CTA. Not fewer stages: every slice adds a (T, Mp, Np) fp32
+# partial that the wrapper writes and sums (docs/codegen.md, "Known limits").
+SEQ_TARGET_CTAS = 4 * 132
+SEQ_MAX_STAGES = 32
+
+
+def split_tile(M: int, N: int, K: int, T: int = 1, target_ctas: int = PER_STEP_TARGET_CTAS,
+               min_stages: int = PER_STEP_MIN_STAGES, max_stages: int | None = None) -> Tile:
+    """Tile of a GEMM ``(M, N, K)`` (``M`` = batch) run for ``T`` steps in one launch: ``bm`` =
+    16, 32 or 64 (the smallest >= M, 64 above), ``bn`` = 64, ``bk`` = 32, and ``split_k``
+    slices of ``ceil(stages / wanted)`` K stages each (at least ``min_stages``, at most
+    ``max_stages`` when given: the cap wins), ``wanted`` = ``ceil(target_ctas / (T * tiles))``;
+    every slice holds at least one stage of real K (none is all padding), so the count can land
+    a little under ``wanted``."""
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    bn, bk = 64, 32
+    tiles = T * math.ceil(max(M, 1) / bm) * math.ceil(max(N, 1) / bn)
+    stages = math.ceil(max(K, 1) / bk)
+    per = max(min_stages, math.ceil(stages / math.ceil(target_ctas / tiles)))
+    if max_stages is not None:
+        per = min(per, max_stages)
+    split = max(1, math.ceil(stages / per))
+    return Tile(bm=bm, bn=bn, bk=bk, warps_m=1 if bm == 16 else 2, warps_n=2, split_k=split)
 
 
 def per_step_tile(M: int, N: int, K: int, target_ctas: int = PER_STEP_TARGET_CTAS,
                   min_stages: int = PER_STEP_MIN_STAGES) -> Tile:
-    """Tile of a one-step GEMM ``(M, N, K)`` (``M`` = batch): ``bm`` = 16, 32 or 64 (the
-    smallest >= M, 64 above), ``bn`` = 64, ``bk`` = 32, and ``split_k`` slices of
-    ``ceil(stages / wanted)`` K stages each (at least ``min_stages``), ``wanted`` =
-    ``ceil(target_ctas / tiles)``; every slice holds at least one stage of real K (none is
-    all padding), so the count can land a little under ``wanted``."""
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64
-    bn, bk = 64, 32
-    tiles = math.ceil(max(M, 1) / bm) * math.ceil(max(N, 1) / bn)
-    stages = math.ceil(max(K, 1) / bk)
-    per = max(min_stages, math.ceil(stages / math.ceil(target_ctas / tiles)))
-    split = max(1, math.ceil(stages / per))
-    return Tile(bm=bm, bn=bn, bk=bk, warps_m=1 if bm == 16 else 2, warps_n=2, split_k=split)
+    """Tile of a one-step GEMM (:func:`split_tile` with ``T = 1``, no stage cap)."""
+    return split_tile(M, N, K, 1, target_ctas, min_stages)
+
+
+def sequence_tile(T: int, M: int, N: int, K: int) -> Tile:
+    """Tile of the whole-sequence backward-data (dx): :func:`split_tile` over ``T`` steps to
+    ``SEQ_TARGET_CTAS`` CTAs and at most ``SEQ_MAX_STAGES`` K stages per CTA."""
+    return split_tile(M, N, K, T, SEQ_TARGET_CTAS, PER_STEP_MIN_STAGES, SEQ_MAX_STAGES)
 
 
 def _check_gather(owner: str, what: str, kept: int, src: int, P: int) -> None:
@@ -450,6 +472,81 @@ class WgradT(IndexedGemm):
         )
 
 
+def rows_tile(M: int) -> Tile:
+    """Default tile of :class:`GatherRowsT` for a batch of ``M`` rows (the GEMM's N): 128 rows
+    of ``4H`` per CTA, ``bn`` = 16, 32 or 64 batch columns (the smallest >= M, 64 above), four
+    warps of 32x16 / 32x32 / 64x32."""
+    bn = 16 if M <= 16 else 32 if M <= 32 else 64
+    return Tile(bm=128, bn=bn, bk=32, warps_m=4 if bn < 64 else 2, warps_n=1 if bn < 64 else 2)
+
+
+@dataclass(frozen=True)
+class GatherRowsT(IndexedGemm):
+    """``C[t] = (A[t][:, kept_t] @ W[:, kept_t].T).T`` -- :class:`GatherK`'s product, transposed,
+    from operands whose kept units are whole *rows* (``4H`` as M, the batch as N).
+
+    The caller passes the weight transposed and the input transposed per step, so kept input
+    unit ``i`` is one contiguous row of each: ``Wt``: (K + 1, Np) = ``W.T`` zero-padded to the
+    tile's ``Np`` columns, plus a zero row ``K``; ``Xt``: (T, K + 1, Mp) = ``A[t].T`` zero-padded
+    to ``Mp`` batch columns, plus a zero row ``K``; ``idx``: (T, Kp) int32, the kept units of each
+    step followed by ``K`` (the zero rows) up to the padded reduction ``Kp``. The kernel has no
+    bounds guards: every gather is a whole row, one index per row, in 16-byte vectors (the
+    CUDA schedule copies them global->shared with ``cp.async`` in a multi-stage pipeline,
+    :func:`~.schedule.tensorcore`). ``C``: (T * split_k, Np, Mp) fp32 (``C[t][n, m]`` =
+    output ``(m, n)`` of step ``t``). Only blocks of ``P = 1`` (dropout units).
+    """
+
+    T: int
+    M: int
+    N: int
+    K: int
+    k: int
+    dtype: str = "bfloat16"
+    tile: Tile = field(default_factory=lambda: rows_tile(32))
+
+    kind: ClassVar[str] = "gather_rows_t"
+    splittable: ClassVar[bool] = True
+    a_trans: ClassVar[bool] = True
+    pipeline_stages: ClassVar[int] = 3  # shared-memory stages of the CUDA schedule's K loop
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        _check_gather("GatherRowsT", "k", self.k, self.K, 1)
+        if self.dtype == "float32":
+            raise UnsupportedGemm("GatherRowsT: float16/bfloat16 only (tensor cores; float32 takes GatherK)")
+
+    @property
+    def mnk(self):
+        return self.N, self.M, self.k
+
+    def params(self):
+        Np, Mp, Kp = self.padded
+        return [
+            ("Wt", (self.K + 1, Np), self.dtype),
+            ("Xt", (self.T, self.K + 1, Mp), self.dtype),
+            ("idx", (self.T, Kp), "int32"),
+            ("C", self.out_shape, "float32"),
+        ]
+
+    def _compute(self, te, b):
+        Wt, Xt, idx = b["Wt"], b["Xt"], b["idx"]
+        Np, Mp, _ = self.padded
+        TS, Ks = self.out_shape[0], self.k_slice
+
+        def row(tt, r):
+            t, j = self._slice(tt, r)
+            return t, idx[t, j]
+
+        Ag = te.compute((TS, Ks, Np), lambda tt, r, n: Wt[row(tt, r)[1], n], name="A_g")
+        Bg = te.compute((TS, Ks, Mp), lambda tt, r, m: Xt[row(tt, r)[0], row(tt, r)[1], m], name="B_g")
+        r = te.reduce_axis((0, Ks), name="r")
+        return te.compute(
+            (TS, Np, Mp),
+            lambda t, n, m: te.sum(Ag[t, r, n].astype("float32") * Bg[t, r, m].astype("float32"), axis=r),
+            name="C",
+        )
+
+
 def _check_blockrows(owner: str, S: int, Mx: int, My: int, kb: int, nb: int) -> None:
     for name, v in (("S", S), ("Mx", Mx), ("My", My)):
         if v < 1:
@@ -631,7 +728,7 @@ def problem_key(spec_dict: dict[str, Any]) -> tuple:
 
 
 GENERATORS: dict[str, type[IndexedGemm]] = {
-    c.kind: c for c in (GatherK, GatherKN, WgradT, BlockRowsData, BlockRowsWgrad)
+    c.kind: c for c in (GatherK, GatherKN, WgradT, BlockRowsData, BlockRowsWgrad, GatherRowsT)
 }
 
 

@@ -9,7 +9,7 @@ The mapping follows the GEMMs of :class:`rnn_sparsify.kernels.reference.Referenc
 ==================  ===============================================  =====================
 method              GEMM                                             spec
 ==================  ===============================================  =====================
-``fwd_input``       (T,B,I)[kept] @ W_ih[:, kept].T                  GatherK(T, B, 4H, I, k_in)
+``fwd_input``       (T,B,I)[kept] @ W_ih[:, kept].T                  GatherRowsT(T, B, 4H, I, k_in)
 ``fwd_recurrent``   (B,H)[kept] @ W_hh[:, kept].T                    GatherK(1, B, 4H, H, k_h)
 ``bwd_data`` (dx)   (T,B,kc) @ W_ih[g_cols][:, kept]                 GatherKN(T, B, 4H, I, kc, k_in)
 ``bwd_data`` (dh)   (B,kc) @ W_hh[g_cols][:, kept]                   GatherKN(1, B, 4H, H, kc, k_h)
@@ -17,7 +17,10 @@ method              GEMM                                             spec
 ``wgrad`` (hh)      (T,B,kc).T @ (T,B,H)[kept]                       WgradT(T, B, kc, H, k_h)
 ==================  ===============================================  =====================
 
-With coarse gate sparsity the ``bwd_data`` specs index ``dnet``'s kept slices as blocks
+``fwd_input`` of a sequence (``T > 1``) in fp16/bf16 is :class:`~.gemm_gather.GatherRowsT`:
+the transposed product from the transposed operands, whole kept rows copied by ``cp.async``
+(the backend falls back to a bundle's ``GatherK(T, B, 4H, I, k_in)``, and float32 and one-step
+specs use that). With coarse gate sparsity the ``bwd_data`` specs index ``dnet``'s kept slices as blocks
 (``P`` = the slice width). With fine gate sparsity (``My x Mx`` blocks, ``K`` dropped per
 slice) the column GEMMs are replaced, per step and per weight (``K_w`` = I or H, ``k`` =
 k_in or k_h), by ``bwd_data_blockrows`` = ``BlockRowsData(S=4H/Mx, Mx, My=1, nb=B_pad,
@@ -26,7 +29,9 @@ K_w, k)``, at row granularity (see :func:`fine_rows`), for the full batch ``B`` 
 
 The per-step GEMMs (``T = 1``: the recurrent ones, and the input ones of a one-step spec)
 get :func:`~.gemm_gather.per_step_tile` (small M tile, split-K
-to >= 132 CTAs); the sequence GEMMs the default tile. A GEMM with nothing sparse is dense and
+to >= 132 CTAs); the whole-sequence ``bwd_data`` (dx) :func:`~.gemm_gather.sequence_tile`
+(small M tile, split-K to >= 528 CTAs and <= 32 K stages per CTA); the other sequence GEMMs
+the default tile. A GEMM with nothing sparse is dense and
 stays on cuBLAS (no spec).
 Pure Python: no TVM, no torch needed for :class:`LSTMSpec` itself.
 """
@@ -37,7 +42,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import UnsupportedGemm
-from .gemm_gather import BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, IndexedGemm, WgradT, per_step_tile
+from .gemm_gather import (BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, GatherRowsT, IndexedGemm, WgradT,
+                          per_step_tile, rows_tile, sequence_tile)
 
 _DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
            "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
@@ -156,7 +162,9 @@ class LSTMSpec:
             I = self.input_size if layer == 0 else H * dirs
             k_in = _kept(I, p_in) if p_in > 0 else None
             k_h = _kept(H, p_h) if p_h > 0 else None
-            if k_in is not None:
+            if k_in is not None and T > 1 and dt != "float32":  # whole-row gathers, cp.async
+                out.append(("fwd_input", GatherRowsT(T=T, M=B, N=4 * H, K=I, k=k_in, dtype=dt, tile=rows_tile(B))))
+            elif k_in is not None:
                 out.append(("fwd_input", GatherK(T=T, M=B, N=4 * H, K=I, k=k_in, dtype=dt,
                                                  **step_tile(B, 4 * H, k_in))))
             if k_h is not None:
@@ -169,8 +177,9 @@ class LSTMSpec:
                         S=fine["S"], Mx=fine["Mx"], My=1, kb=fine["kb"], n_rows=fine["nb"], K=K, k=k, dtype=dt)))
                 continue
             if kc is not None or k_in is not None:
+                dx_tile = per_step_tile if T == 1 else lambda *mnk: sequence_tile(T, *mnk)
                 out.append(("bwd_data", GatherKN(T=T, M=B, Nw=4 * H, Kw=I, kc=kc, kn=k_in, dtype=dt, P=P,
-                                                 **step_tile(B, k_in or I, kc or 4 * H))))
+                                                 tile=dx_tile(B, k_in or I, kc or 4 * H))))
                 out.append(("wgrad", WgradT(T=T, B=B, kc=kc or 4 * H, K=I, k=k_in, dtype=dt)))
             if kc is not None or k_h is not None:
                 out.append(("bwd_data", GatherKN(T=1, M=B, Nw=4 * H, Kw=H, kc=kc, kn=k_h, dtype=dt, P=P,

@@ -5,6 +5,9 @@
   the copy), shared->register through ``ldmatrix``, ``mma.sync.m16n8k16``, fp32 fragments
   stored to the padded output. One CTA per ``(bm x bn)`` tile and time step
   (``blockIdx.x`` = tile, ``blockIdx.y`` = step, or step x split-K slice: ``Tile.split_k``).
+  A spec with ``pipeline_stages > 1`` (:class:`~.gemm_gather.GatherRowsT`: whole rows, 16-byte
+  copies) gets a software-pipelined K loop whose copies become ``cp.async`` when compiled with
+  :func:`pass_config`.
 * :func:`simt` -- CUDA, float32: the same two-stage algorithm with shared-memory tiles and a
   register tile per thread (no tensor cores: the model is float32).
 * :func:`cpu` -- LLVM: the function as written (the reference algorithm for tests).
@@ -48,6 +51,8 @@ def _contiguous_inner(spec: IndexedGemm, operand: str) -> bool:
         if operand == "A":
             return Kp == K and Mp == M and K % 8 == 0
         return (spec.kn is None or spec.Q % 8 == 0) and Np == N and Kp == K and N % 8 == 0
+    if kind == "gather_rows_t":  # whole padded rows, no guards (the caller pads): always
+        return True
     if kind == "wgrad_t":
         if operand == "A":
             return Mp == M and Kp == K and M % 8 == 0
@@ -127,7 +132,30 @@ def tensorcore(spec: IndexedGemm, intrins=tensor_core_intrins):
     sch.tensorize(sch.get_loops(block_inner)[-3], names.mma)
     sch.tensorize(sch.get_loops(block_init)[-2], names.fill)
     sch.tensorize(sch.get_loops(C_warp)[-2], names.store)
+    stages = getattr(spec, "pipeline_stages", 1)
+    if stages > 1:
+        # k0's body: the A copy, the B copy, the k1 loop (ldmatrix + mma). The copies of stage
+        # k0 + stages - 1 are issued while k0 computes (multi-buffered shared tiles), as cp.async
+        # (async stage 0) when compiled with ASYNC_COPY_CONFIG
+        for key, value in pipeline_annotations(stages).items():
+            sch.annotate(k0, key, value)
     return sch
+
+
+def pipeline_annotations(stages: int) -> dict[str, list[int]]:
+    """Software-pipeline annotations of the K loop ``k0`` (body: A copy, B copy, mma loop):
+    the copies in stage 0, issued ``stages - 1`` iterations ahead of the mma (``stages``
+    shared-memory buffers), asynchronous (cp.async + commit/wait groups)."""
+    return {"software_pipeline_stage": [0, 0, stages - 1], "software_pipeline_order": [0, 1, 2],
+            "software_pipeline_async_stages": [0]}
+
+
+ASYNC_COPY_CONFIG = {"tirx.use_async_copy": True}
+
+
+def pass_config(spec: IndexedGemm) -> dict:
+    """``tvm.compile`` pass config of ``spec``'s CUDA kernel: cp.async for pipelined specs."""
+    return dict(ASYNC_COPY_CONFIG) if getattr(spec, "pipeline_stages", 1) > 1 else {}
 
 
 SIMT_THREADS = (16, 16)  # (threadIdx.y, threadIdx.x) of the float32 schedule

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from rnn_sparsify.codegen.errors import BundleError, CodegenError
-from rnn_sparsify.codegen.gemm_gather import BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, WgradT
+from rnn_sparsify.codegen.gemm_gather import BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, GatherRowsT, WgradT
 
 from . import register_backend_rule, unregister_backend_rule
 from .reference import ReferenceBackend
@@ -71,6 +71,28 @@ def masked_dense_wgrad(g: Tensor, g_cols: Tensor | None, x: Tensor, x_idx: Tenso
     else:
         xd = x
     out.addmm_(gd.reshape(T * B, N).t().to(out.dtype), xd.reshape(T * B, K).to(out.dtype), alpha=alpha)
+
+
+def rows_operands(x: Tensor, w: Tensor, idx: Tensor, padded: tuple[int, int, int]) -> dict[str, Tensor]:
+    """The operands of a :class:`GatherRowsT` kernel (``padded`` = its ``(Np, Mp, Kp)``) for
+    ``fwd_input(x, w, idx)``: ``Wt`` = ``w.T`` zero-padded to ``Np`` columns plus the zero row
+    ``K``, ``Xt[t]`` = ``x[t].T`` zero-padded to ``Mp`` columns plus the zero row ``K``, ``idx``
+    padded with ``K`` (rows past the kept count read the zero rows).
+
+    ``Wt`` is rebuilt at every call (one transposing copy of the weight, like the CPU backend's
+    ``W^T``): a cache keyed on the version counter would miss ``.data`` writes (an optimizer's
+    ``p.data.add_``), one keyed on ``data_ptr`` would hand a new tensor at a reused address the
+    old values; the copy is one pass over ``w`` per call, against ``T`` steps of GEMM on it."""
+    Np, Mp, Kp = padded
+    T, B, K = x.shape
+    N, k = w.shape[0], idx.shape[-1]
+    wt = w.new_zeros(K + 1, Np)
+    wt[:K, :N] = w.detach().t()
+    xt = x.new_zeros(T, K + 1, Mp)
+    xt[:, :K, :B] = x.transpose(1, 2)
+    ip = torch.full((T, Kp), K, dtype=torch.int32, device=x.device)
+    ip[:, :k] = idx.expand(T, -1) if idx.dim() == 1 else idx
+    return {"Wt": wt, "Xt": xt, "idx": ip}
 
 
 def block_offsets(idx: Tensor, P: int) -> Tensor:
@@ -159,9 +181,16 @@ class CudaKernelBackend(ReferenceBackend):
             return super().fwd_input(x, w, idx, alpha)
         T, B, K = x.shape
         N, k = w.shape[0], idx.shape[1]
-        kern = self._kernel("fwd_input", lambda dt: GatherK(T=T, M=B, N=N, K=K, k=k, dtype=dt), (x, w))
-        if kern is None:
+        # the whole-row kernel (transposed operands, cp.async) first, then GatherK (bundles
+        # built before it, float32)
+        found = self._kernel("fwd_input", [lambda dt: GatherRowsT(T=T, M=B, N=N, K=K, k=k, dtype=dt),
+                                           lambda dt: GatherK(T=T, M=B, N=N, K=K, k=k, dtype=dt)], (x, w))
+        if found is None:
             return super().fwd_input(x, w, idx, alpha)
+        kern, which = found
+        if which == 0:  # C[t] is the transposed product (Np, Mp)
+            C = self._run(kern, **rows_operands(x, w, idx, kern.spec.padded))
+            return self._finish(C.transpose(1, 2), B, N, alpha, x.dtype)
         C = self._run(kern, A=x, W=w, idx=self._idx(idx, T))
         return self._finish(C, B, N, alpha, x.dtype)
 

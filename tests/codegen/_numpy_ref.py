@@ -62,3 +62,20 @@ def wgrad_blockrows(vals, rows, X, cols):
     """C[s] = vals[s].T @ X[rows[s]][:, cols]"""
     c = np.arange(X.shape[1]) if cols is None else cols[0]
     return np.stack([vals[s].T @ X[rows[s]][:, c] for s in range(vals.shape[0])])
+
+
+def rows_operands(A, W, idx, padded):
+    """The operands of ``GatherRowsT`` (its contract, written out here independently of the
+    backend's packing): ``Wt`` = W.T zero-padded to ``Np`` columns plus a zero row ``K``;
+    ``Xt[t]`` = A[t].T zero-padded to ``Mp`` columns plus a zero row ``K``; ``idx`` padded
+    with ``K`` to ``Kp`` entries per step."""
+    Np, Mp, Kp = padded
+    T, M, K = A.shape
+    N = W.shape[0]
+    Wt = np.zeros((K + 1, Np), W.dtype)
+    Wt[:K, :N] = W.T
+    Xt = np.zeros((T, K + 1, Mp), A.dtype)
+    Xt[:, :K, :M] = A.transpose(0, 2, 1)
+    ip = np.full((T, Kp), K, np.int32)
+    ip[:, : idx.shape[1]] = idx
+    return {"Wt": Wt, "Xt": Xt, "idx": ip}

@@ -27,7 +27,7 @@ def test_bundle_contents(bundle):
     manifest, out, _, stats = bundle
     assert stats == {"kernels": len(LSTM.gemms()), "cache_hits": 0}
     assert Manifest.load(out) == manifest
-    assert {e.spec["kind"] for e in manifest.kernels} == {"gather_k", "gather_kn", "wgrad_t"}
+    assert {e.spec["kind"] for e in manifest.kernels} == {"gather_rows_t", "gather_k", "gather_kn", "wgrad_t"}
     for e in manifest.kernels:
         assert e.arch == "sm_90" and read_verified(out, e) and read_verified(out, e, ptx=True)
         assert (out / e.source).read_text().count(e.symbol) >= 1

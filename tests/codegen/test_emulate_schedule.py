@@ -10,7 +10,8 @@ import secrets
 import numpy as np
 import pytest
 
-from rnn_sparsify.codegen.gemm_gather import BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, Tile, WgradT
+from rnn_sparsify.codegen.gemm_gather import (BlockRowsData, BlockRowsWgrad, GatherK, GatherKN, GatherRowsT, Tile, WgradT,
+                                              rows_tile)
 
 from . import _numpy_ref as ref
 from .test_gemm_blockrows import _dummy_rows, _selection
@@ -28,6 +29,11 @@ def _case(rng, spec):
         idx = ref.kept_blocks(rng, spec.T, spec.K // spec.P, spec.k // spec.P)
         expect = ref.gather_k(A.astype(np.float64), W.astype(np.float64), idx, spec.P)
         return {"A": A, "W": W, "idx": _idx_or_dummy(idx)}, expect, spec.k
+    if spec.kind == "gather_rows_t":
+        A, W = _rand(rng, (spec.T, spec.M, spec.K), dt), _rand(rng, (spec.N, spec.K), dt)
+        idx = ref.kept_blocks(rng, spec.T, spec.K, spec.k)
+        expect = ref.gather_k(A.astype(np.float64), W.astype(np.float64), idx).transpose(0, 2, 1)
+        return ref.rows_operands(A, W, idx, spec.padded), expect, spec.k
     if spec.kind == "gather_kn":
         K = spec.mnk[2]
         G, W = _rand(rng, (spec.T, spec.M, K), dt), _rand(rng, (spec.Nw, spec.Kw), dt)
@@ -126,8 +132,20 @@ SPECS = {
                                           tile=Tile(bm=16, bn=64, bk=16, warps_m=1, warps_n=2, split_k=4)),
     "bwd_data_bf16_coarse_seq_split_k2": GatherKN(T=2, M=20, Nw=64, Kw=48, kc=16, kn=24, P=4, dtype="bfloat16",
                                                   tile=Tile(bm=32, bn=32, bk=16, warps_m=2, warps_n=1, split_k=2)),
+    # the whole-sequence dx tile (LSTMSpec.gemms: sequence_tile): 32x64, 4 slices of 2 stages
+    "bwd_data_dx_bf16_sequence_tile": GatherKN(T=4, M=20, Nw=256, Kw=80, kc=None, kn=40, dtype="bfloat16",
+                                               tile=Tile(bm=32, bn=64, bk=32, warps_m=2, warps_n=2, split_k=4)),
     "fwd_bf16_aligned_vec_split_k2": GatherK(T=1, M=64, N=128, K=128, k=64, P=8, dtype="bfloat16",
                                              tile=Tile(bm=64, bn=64, bk=16, warps_m=2, warps_n=2, split_k=2)),
+    # whole-row gathers (4H as M, transposed operands, 16-byte copies in a 3-stage software
+    # pipeline: cp.async on the GPU, synchronous here): batch 20 (4x1 warps), 64 (2x2), a
+    # 16-column tile with 4 K stages, split-K
+    "fwd_input_rows_bf16": GatherRowsT(T=3, M=20, N=200, K=50, k=37, dtype="bfloat16", tile=rows_tile(20)),
+    "fwd_input_rows_fp16_b64": GatherRowsT(T=2, M=64, N=136, K=80, k=40, dtype="float16", tile=rows_tile(64)),
+    "fwd_input_rows_bf16_b16_4_stages": GatherRowsT(T=2, M=12, N=100, K=150, k=100, dtype="bfloat16",
+                                                    tile=rows_tile(12)),
+    "fwd_input_rows_fp16_split_k2": GatherRowsT(T=2, M=20, N=72, K=90, k=70, dtype="float16",
+                                                tile=Tile(bm=64, bn=32, bk=16, warps_m=2, warps_n=1, split_k=2)),
     # float32 models: the SIMT schedule (shared tiles, a register tile per thread)
     "fwd_fp32_simt": GatherK(T=2, M=20, N=72, K=40, k=18, dtype="float32"),
     "bwd_data_fp32_simt": GatherKN(T=2, M=6, Nw=24, Kw=20, kc=12, kn=10, dtype="float32"),
@@ -152,7 +170,8 @@ def test_every_emitted_kind_is_covered():
     from rnn_sparsify.codegen.gemm_gather import DTYPES, GENERATORS
 
     covered = {(s.kind, s.dtype) for s in SPECS.values()}
-    assert covered == {(kind, dt) for kind in GENERATORS for dt in DTYPES}
+    # GatherRowsT is tensor-core only (float32 takes GatherK's SIMT kernel)
+    assert covered == {(kind, dt) for kind in GENERATORS for dt in DTYPES} - {("gather_rows_t", "float32")}
 
 
 def test_emulation_runs_the_cuda_schedule(tvm):
@@ -192,7 +211,7 @@ BUGS = {"ldmatrix_smem_offset": _bad_offset, "ldmatrix_trans": _flipped_trans, "
 
 
 @pytest.mark.parametrize("bug", list(BUGS))
-@pytest.mark.parametrize("name", ["fwd_input_bf16_ragged", "wgrad_fp16_gate_blocks"])
+@pytest.mark.parametrize("name", ["fwd_input_bf16_ragged", "wgrad_fp16_gate_blocks", "fwd_input_rows_bf16"])
 def test_planted_bug_fails(tvm, monkeypatch, bug, name):
     from rnn_sparsify.codegen import intrin
 
@@ -219,7 +238,8 @@ def _overlapping_slices(good):
     return slice_
 
 
-@pytest.mark.parametrize("name", ["fwd_recurrent_fp16_split_k3", "bwd_data_dh_bf16_split_k4"])
+@pytest.mark.parametrize("name", ["fwd_recurrent_fp16_split_k3", "bwd_data_dh_bf16_split_k4",
+                                  "bwd_data_dx_bf16_sequence_tile", "fwd_input_rows_fp16_split_k2"])
 def test_planted_split_k_offset_bug_fails(tvm, monkeypatch, name):
     """A K-slice offset off by one ``bk`` stage (slices overlap, the last stage is never
     read) fails the float64 comparison; so does summing only the first slice's partial."""
@@ -269,3 +289,17 @@ def test_production_shapes_on_cpu(tvm, name):
     rng = np.random.default_rng(secrets.randbits(32))
     inputs, expect, K = _case(rng, spec)
     _check(spec, _summed(spec, _run_emulated(tvm, spec, inputs)), expect, K)
+
+
+def test_emulation_keeps_the_software_pipeline(tvm):
+    """The whole-row kernel's K loop is emulated pipelined (stages, order: multi-buffered
+    shared tiles) without its async stage (cp.async -> serial copies, see emulate.serialize)."""
+    from rnn_sparsify.codegen import emulate, schedule
+
+    spec = SPECS["fwd_input_rows_bf16_b16_4_stages"]
+    ann = schedule.pipeline_annotations(spec.pipeline_stages)
+    assert ann["software_pipeline_async_stages"] == [0]
+    assert '"software_pipeline_async_stages"' in schedule.tensorcore(spec).mod.script()
+    text = emulate.schedule_for_cpu(spec)[0].script()
+    assert f'"software_pipeline_stage": {ann["software_pipeline_stage"]}' in text
+    assert "software_pipeline_async_stages" not in text and "T.vectorized(8)" in text

@@ -7,7 +7,7 @@ import pytest
 
 from rnn_sparsify.codegen import schedule
 from rnn_sparsify.codegen.errors import UnsupportedGemm
-from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, Tile, WgradT, spec_from_dict
+from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, GatherRowsT, Tile, WgradT, rows_tile, spec_from_dict
 
 from . import _numpy_ref as ref
 
@@ -125,6 +125,46 @@ def test_wgrad_t_cpu(tvm, T, B, kc, K, k, P, dtype):
         inputs["idx"] = _idx_or_dummy(idx)
     C = _run_cpu(tvm, spec, inputs)
     _check(spec, C, ref.wgrad_t(G.astype(np.float64), X.astype(np.float64), idx, P), B)
+
+
+GATHER_ROWS = [
+    # T, M,  N,   K,  k, dtype, tile
+    (3, 20, 200, 50, 37, "bfloat16", None),  # ragged 4H, batch and k (zero rows, zero columns)
+    (2, 64, 256, 64, 32, "float16", None),  # batch 64: 64-column tile, 2x2 warps
+    (2, 9, 40, 20, 0, "bfloat16", None),  # empty selection: every row the zero row
+    (2, 5, 72, 90, 70, "float16", Tile(bm=64, bn=16, bk=16, warps_m=4, warps_n=1, split_k=2)),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("T,M,N,K,k,dtype,tile", GATHER_ROWS)
+def test_gather_rows_t_cpu(tvm, T, M, N, K, k, dtype, tile):
+    """The whole-row form of the input projection: the transposed product from the padded,
+    transposed operands, against GatherK's float64 reference (split-K partials summed)."""
+    rng = np.random.default_rng(secrets.randbits(32))
+    spec = GatherRowsT(T=T, M=M, N=N, K=K, k=k, dtype=dtype, tile=tile or rows_tile(M))
+    A, W = _rand(rng, (T, M, K), dtype), _rand(rng, (N, K), dtype)
+    idx = ref.kept_blocks(rng, T, K, k)
+    C = _run_cpu(tvm, spec, ref.rows_operands(A, W, idx, spec.padded))
+    S = spec.tile.split_k
+    C = C.reshape(T, S, *C.shape[1:]).sum(1, dtype=np.float32)
+    expect = ref.gather_k(A.astype(np.float64), W.astype(np.float64), idx).transpose(0, 2, 1)
+    _check(spec, C, expect, k)
+
+
+def test_gather_rows_t_spec():
+    """4H is the GEMM's M (the tile's bm rows), the batch its N; no float32, P = 1 only."""
+    s = GatherRowsT(T=35, M=20, N=2600, K=650, k=325, tile=rows_tile(20))
+    assert s.mnk == (2600, 20, 325) and s.padded == (2688, 32, 352) and s.out_shape == (35, 2688, 32)
+    assert s.ctas == 21 * 35 and s.k_stages == 11
+    assert [p[:2] for p in s.params()] == [("Wt", (651, 2688)), ("Xt", (35, 651, 32)), ("idx", (35, 352)),
+                                           ("C", (35, 2688, 32))]
+    assert rows_tile(64) == Tile(bm=128, bn=64, bk=32, warps_m=2, warps_n=2)
+    assert spec_from_dict(s.to_dict()) == s and s.problem != GatherK(T=35, M=20, N=2600, K=650, k=325).problem
+    with pytest.raises(UnsupportedGemm, match="float16/bfloat16"):
+        GatherRowsT(T=1, M=4, N=8, K=10, k=5, dtype="float32")
+    with pytest.raises(UnsupportedGemm, match="exceeds"):
+        GatherRowsT(T=1, M=4, N=8, K=10, k=12)
 
 
 # -- spec validation and identity: pure Python ----------------------------------------

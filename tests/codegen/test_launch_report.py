@@ -5,7 +5,8 @@ import math
 import pytest
 
 from rnn_sparsify.codegen import launch_report as lr
-from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, Tile, per_step_tile
+from rnn_sparsify.codegen.gemm_gather import (SEQ_MAX_STAGES, SEQ_TARGET_CTAS, GatherK, GatherKN, Tile, per_step_tile,
+                                              rows_tile, sequence_tile)
 from rnn_sparsify.codegen.schedule import launch_dims, tensorcore
 
 SPECS = lr.readme_specs()
@@ -26,12 +27,18 @@ def test_ctas_match_the_schedule_grid(name):
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_per_step_kernels_fill_the_gpu(name):
-    """The per-step (T = 1) GEMMs launch >= 100 CTAs (132-SM H100, 108-SM A100); the sequence
-    GEMMs keep the default tile (unchanged by the per-step rule)."""
+    """The per-step (T = 1) GEMMs launch >= 100 CTAs (132-SM H100, 108-SM A100); the
+    whole-sequence dx (``bwd_data``, T = 35) >= SEQ_TARGET_CTAS CTAs with <= SEQ_MAX_STAGES K
+    stages each; the sequence input projection is the whole-row kernel (``rows_tile``: 128 rows
+    of 4H, the batch in a 32/64-column tile); ``wgrad`` keeps the default tile."""
     for method, g in SPECS[name].gemms():
-        if g.T == 1:
-            assert g.ctas >= 100, (method, g.ctas, g)
+        if g.T == 1 or method == "bwd_data":
+            assert g.ctas >= (100 if g.T == 1 else SEQ_TARGET_CTAS), (method, g.ctas, g)
             assert g.tile.bm < 64 or g.mnk[0] > 32, (method, g)  # batch 20 not in a 64-row tile
+            if g.T > 1:
+                assert g.k_stages <= SEQ_MAX_STAGES and g.tile.split_k > 1, (method, g)
+        elif method == "fwd_input":
+            assert g.kind == "gather_rows_t" and g.tile == rows_tile(g.M) and g.ctas >= SEQ_TARGET_CTAS, g
         else:
             assert g.tile == Tile(), (method, g)
 
@@ -50,12 +57,36 @@ def test_readme_before_after():
     assert [(f.ctas, f.k_stages, b.ctas, b.k_stages) for f, b in before.values()] == [(21, 11, 3, 82), (47, 24, 6, 188)]
 
 
+def test_sequence_dx_before_after():
+    """The whole-sequence dx (T = 35) numbers docs/codegen.md quotes: default tile before,
+    ``sequence_tile`` after (batch 20 and 64: same split, CTAs and stages)."""
+    got = {}
+    for name in SPECS:
+        for r in lr.launch_rows(SPECS[name]):
+            if r["method"] == "bwd_data" and r["T"] == 35:
+                got[name] = (r["tile"], r["split_k"], r["ctas"], r["k_stages"])
+    assert got == {"650/B20": ("32x64x32/2x2", 3, 630, 28), "650/B64": ("64x64x32/2x2", 3, 630, 28),
+                   "1500/B20": ("32x64x32/2x2", 6, 2520, 32), "1500/B64": ("64x64x32/2x2", 6, 2520, 32)}
+    before = [GatherKN(T=35, M=20, Nw=4 * H, Kw=H, kc=None, kn=H // 2) for H in (650, 1500)]
+    assert [(b.ctas, b.k_stages) for b in before] == [(105, 82), (210, 188)]
+
+
 def test_per_step_tile_rule():
     assert per_step_tile(4, 2600, 325) == Tile(bm=16, bn=64, bk=32, warps_m=1, warps_n=2, split_k=4)
     assert per_step_tile(64, 6000, 750).split_k == 2  # 94 tiles: two slices reach 132
     assert per_step_tile(20, 64, 40).split_k == 1  # 2 K stages: no slice below min_stages
     t = per_step_tile(20, 325, 2600)
     assert (t.bm, t.split_k) == (32, 21)
+
+
+def test_sequence_tile_rule():
+    """Split to the CTA target unless that leaves more than SEQ_MAX_STAGES stages per slice
+    (then the cap decides); no split when T x tiles already reach the target with few stages."""
+    assert sequence_tile(35, 20, 325, 2600).split_k == 3  # 210 CTAs -> 3 slices of 28 stages
+    assert sequence_tile(35, 20, 750, 6000).split_k == 6  # target: 2 slices of 94; cap: 6 of 32
+    assert sequence_tile(35, 64, 2600, 256).split_k == 1  # 1435 CTAs, 8 stages
+    t = sequence_tile(4, 20, 40, 256)
+    assert (t.bm, t.bn, t.split_k) == (32, 64, 4) and GatherKN(T=4, M=20, Nw=256, Kw=80, kc=None, kn=40, tile=t).k_stages == 2
 
 
 def test_report_lists_every_gemm():

@@ -2,7 +2,7 @@
 import pytest
 
 from rnn_sparsify.codegen.errors import UnsupportedGemm
-from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, WgradT, per_step_tile
+from rnn_sparsify.codegen.gemm_gather import GatherK, GatherKN, GatherRowsT, WgradT, per_step_tile, rows_tile, sequence_tile
 from rnn_sparsify.codegen.lstm_spec import LSTMSpec, kept_gate_columns, specs_from_model
 
 
@@ -11,15 +11,26 @@ def test_dropout_only_lstm():
                  structured_dropout={"p_input": 0.5, "p_recurrent": 0.5})
     got = dict((type(sp), []) for _, sp in s.gemms())
     pairs = s.gemms()
-    assert ("fwd_input", GatherK(T=35, M=64, N=2048, K=512, k=256)) in pairs
+    assert ("fwd_input", GatherRowsT(T=35, M=64, N=2048, K=512, k=256, tile=rows_tile(64))) in pairs
     assert ("fwd_recurrent", GatherK(T=1, M=64, N=2048, K=512, k=256,
                                           tile=per_step_tile(64, 2048, 256))) in pairs
-    assert ("bwd_data", GatherKN(T=35, M=64, Nw=2048, Kw=512, kc=None, kn=256)) in pairs
+    assert ("bwd_data", GatherKN(T=35, M=64, Nw=2048, Kw=512, kc=None, kn=256,
+                                 tile=sequence_tile(35, 64, 256, 2048))) in pairs
     assert ("bwd_data", GatherKN(T=1, M=64, Nw=2048, Kw=512, kc=None, kn=256,
                                       tile=per_step_tile(64, 256, 2048))) in pairs
     assert ("wgrad", WgradT(T=35, B=64, kc=2048, K=512, k=256)) in pairs
     # input and hidden sizes equal: the ih and hh weight-gradient GEMMs are one kernel
-    assert len(pairs) == 5 and set(got) == {GatherK, GatherKN, WgradT}
+    assert len(pairs) == 5 and set(got) == {GatherRowsT, GatherK, GatherKN, WgradT}
+
+
+def test_input_projection_kernel_by_dtype_and_length():
+    """Whole-row kernel for 16-bit sequences; GatherK for float32 (SIMT) and one-step specs."""
+    base = dict(input_size=40, hidden_size=16, batch=20, structured_dropout={"p_input": 0.5})
+    kinds = {(T, dt): [sp.kind for m, sp in LSTMSpec(**base, seq_len=T, dtype=dt).gemms() if m == "fwd_input"]
+             for T in (1, 35) for dt in ("bfloat16", "float16", "float32")}
+    assert kinds == {(1, "bfloat16"): ["gather_k"], (1, "float16"): ["gather_k"], (1, "float32"): ["gather_k"],
+                     (35, "bfloat16"): ["gather_rows_t"], (35, "float16"): ["gather_rows_t"],
+                     (35, "float32"): ["gather_k"]}
 
 
 def test_dense_lstm_needs_no_kernel():
@@ -33,7 +44,8 @@ def test_gate_sparsity_and_layers():
     # 24 columns = 6 slices of 4 = 2 regions of 3, one slice dropped per region
     assert kept_gate_columns(6, {"mode": "coarse", "P": 4, "R": 3, "S": 1}) == 16
     # layer 1 input = 2H; dnet's kept columns are aligned slices of P = 4: block-indexed rows
-    assert ("bwd_data", GatherKN(T=5, M=4, Nw=24, Kw=12, kc=16, kn=None, P=4)) in kinds
+    assert ("bwd_data", GatherKN(T=5, M=4, Nw=24, Kw=12, kc=16, kn=None, P=4,
+                                 tile=sequence_tile(5, 4, 12, 16))) in kinds
     assert all(sp.P == 4 for m, sp in kinds if m == "bwd_data")
     assert ("wgrad", WgradT(T=5, B=4, kc=16, K=12, k=None)) in kinds  # the wgrad kernel never reads g_cols
     assert all(m != "fwd_input" for m, _ in kinds)

@@ -1,6 +1,7 @@
-"""CUDA builds (nvcc, no GPU) of the per-step kernels of the README's 2x650 LSTM at batch 20
-(keep 0.5, bf16), with the split-K tiles ``LSTMSpec.gemms()`` gives them: tensor cores (HMMA
-fed by LDSM), no spills, and the manifest's grid = the >= 100 CTAs of the static report."""
+"""CUDA builds (nvcc, no GPU) of the split-K kernels of the README's 2x650 LSTM at batch 20
+(keep 0.5, bf16): the per-step ones and the whole-sequence dx, with the tiles
+``LSTMSpec.gemms()`` gives them: tensor cores (HMMA fed by LDSM), no spills, and the
+manifest's grid = the >= 100 CTAs of the static report."""
 import math
 import re
 
@@ -12,7 +13,7 @@ from .test_schedule import _sass, build_all
 
 pytestmark = [pytest.mark.tvm, pytest.mark.slow]
 
-SPECS = {f"{m}_{g.name}": g for m, g in lr.readme_specs()["650/B20"].gemms() if g.T == 1}
+SPECS = {f"{m}_{g.name}": g for m, g in lr.readme_specs()["650/B20"].gemms() if g.T == 1 or m == "bwd_data"}
 ARCHS = ("sm_80", "sm_90")
 
 
@@ -21,8 +22,9 @@ def built(tvm, nvcc, tmp_path_factory):
     return build_all(SPECS, ARCHS, tmp_path_factory)
 
 
-def test_two_split_k_kernels():
-    assert len(SPECS) == 2 and all(g.tile.split_k > 1 for g in SPECS.values())
+def test_three_split_k_kernels():
+    assert len(SPECS) == 3 and all(g.tile.split_k > 1 for g in SPECS.values())
+    assert sorted(g.T for g in SPECS.values()) == [1, 1, 35]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -15,6 +15,8 @@ DT = torch.float16
 # slices of 16 (the second all padding), dh bwd_data K = 4H = 48 in three slices of 16
 SPLIT2 = Tile(bm=16, bn=32, bk=16, warps_m=1, warps_n=2, split_k=2)
 SPLIT3 = Tile(bm=16, bn=32, bk=16, warps_m=1, warps_n=2, split_k=3)
+# the whole-sequence dx kernel splits K too (sequence_tile): kc = 24 in two slices of 16
+SEQ_SPLIT2 = Tile(bm=16, bn=32, bk=16, warps_m=1, warps_n=2, split_k=2)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def backend(tvm):
     specs = [
         GatherK(T=T, M=B, N=4 * H, K=I, k=9, dtype="float16"),
         GatherK(T=1, M=B, N=4 * H, K=H, k=5, dtype="float16", tile=SPLIT2),
-        GatherKN(T=T, M=B, Nw=4 * H, Kw=I, kc=24, kn=9, dtype="float16"),
+        GatherKN(T=T, M=B, Nw=4 * H, Kw=I, kc=24, kn=9, dtype="float16", tile=SEQ_SPLIT2),
         GatherKN(T=1, M=B, Nw=4 * H, Kw=H, kc=None, kn=5, dtype="float16", tile=SPLIT3),
         WgradT(T=T, B=B, kc=24, K=I, k=9, dtype="float16"),
         WgradT(T=T, B=B, kc=4 * H, K=H, k=5, dtype="float16"),
@@ -156,5 +158,53 @@ def test_step_kernels_run_split_k(backend):
     only the sum; slice 0 alone is off: tests/codegen/test_emulate_schedule.py)."""
     splits = sorted(k.spec.tile.split_k for k in backend.bundle.kernels.values() if k.spec.T == 1)
     assert splits == [2, 3]
+    seq = [k for k in backend.bundle.kernels.values() if k.spec.kind == "gather_kn" and k.spec.T == T]
+    assert [k.spec.tile.split_k for k in seq] == [2]  # the sequence dx (T steps x 2 slices)
     for k in backend.bundle.kernels.values():
         assert k.out_shape[0] == k.spec.T * k.spec.tile.split_k
+
+
+# -- the whole-row input projection (GatherRowsT: transposed operands, cp.async on the GPU) --
+@pytest.fixture(scope="module")
+def rows_backend(tvm):
+    from rnn_sparsify.codegen.gemm_gather import GatherRowsT, rows_tile
+    from rnn_sparsify.kernels.cuda_backend import CudaKernelBackend
+
+    from ._emulated_bundle import EmulatedBundle
+
+    specs = [GatherRowsT(T=T, M=B, N=4 * H, K=I, k=9, dtype="float16", tile=rows_tile(B)),
+             GatherK(T=T, M=B, N=4 * H, K=I, k=9, dtype="float16")]  # both: the row kernel wins
+    return CudaKernelBackend(EmulatedBundle(tvm, specs))
+
+
+def test_fwd_input_takes_the_row_kernel(rows_backend):
+    """Against the reference; dropped input units hold inf (the kernel reads only kept rows and
+    the zero rows it pads with); an in-place ``.data`` write to the weight is seen by the next
+    call (the transposed copy is rebuilt per call, never cached)."""
+    x, w, idx = _r(T, B, I), _r(4 * H, I), _kept(I, 9)
+    dropped = torch.ones(T, I, dtype=torch.bool).scatter_(1, idx, False)
+    x.masked_fill_(dropped[:, None, :].expand(T, B, I), float("inf"))
+    bundle = rows_backend.bundle
+    before = bundle.launches
+    out = rows_backend.fwd_input(x, w, idx, 1.3)
+    assert out.shape == (T, B, 4 * H) and out.dtype == DT and out.is_contiguous()
+    xs = x.float().masked_fill(dropped[:, None, :].expand(T, B, I), 0.0)
+    torch.testing.assert_close(out.float(), REFERENCE.fwd_input(xs, w.float(), idx, 1.3), **TOL)
+    w.data.mul_(-2.0)
+    torch.testing.assert_close(rows_backend.fwd_input(x, w, idx).float(), REFERENCE.fwd_input(xs, w.float(), idx), **TOL)
+    assert bundle.launches == before + 2
+    used = {k.spec.kind: k for k in bundle.kernels.values()}
+    assert rows_backend.paths["fwd_input"]["kernel"] == 2 and set(used) == {"gather_rows_t", "gather_k"}
+
+
+def test_rows_operands_layout():
+    """The packing itself, element by element: rows of W.T and x[t].T, zero padding, pad index K."""
+    from rnn_sparsify.kernels.cuda_backend import rows_operands
+
+    x, w, idx = torch.randn(2, 3, 5), torch.randn(8, 5), torch.tensor([[0, 3], [4, 1]])
+    ops = rows_operands(x, w, idx, (16, 16, 32))
+    assert ops["Wt"].shape == (6, 16) and ops["Xt"].shape == (2, 6, 16) and ops["idx"].shape == (2, 32)
+    torch.testing.assert_close(ops["Wt"][:5, :8], w.t(), rtol=0, atol=0)
+    torch.testing.assert_close(ops["Xt"][1, :5, :3], x[1].t(), rtol=0, atol=0)
+    assert not ops["Wt"][5].any() and not ops["Wt"][:, 8:].any() and not ops["Xt"][:, 5].any() and not ops["Xt"][:, :, 3:].any()
+    assert ops["idx"][:, :2].tolist() == idx.tolist() and (ops["idx"][:, 2:] == 5).all() and ops["idx"].dtype == torch.int32
