@@ -466,6 +466,38 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
             if i * NT + tx < U * B:
                 C[bx * U * B + i * NT + tx] = T.Cast(dt, cst[ci + i])
 
+    def entry(body, symbol):
+        """The PrimFunc around ``body`` (the kernel's or the twin's): the packed-word format takes
+        one weight buffer (``Wp``, passed to ``body`` as both arrays), the other two."""
+        if P:
+            @T.prim_func
+            def packed(xg_h: T.handle, hs_h: T.handle, wp_h: T.handle, c_h: T.handle, bar_h: T.handle):
+                T.func_attr({"global_symbol": symbol, "tirx.noalias": True})
+                Tn = T.int32()
+                Xg = T.match_buffer(xg_h, (Tn, B, 4 * H), dt)
+                Hs = T.match_buffer(hs_h, (Tn + 1, L), dt)
+                Wp = T.match_buffer(wp_h, (G * R4, NNZ), "int32")
+                C = T.match_buffer(c_h, (G * U * B,), dt)
+                bar = T.match_buffer(bar_h, (1,), "int32")
+                body(Xg, Hs, Wp, Wp, C, bar, Tn)
+
+            return packed
+
+        @T.prim_func
+        def arrays(xg_h: T.handle, hs_h: T.handle, wv_h: T.handle, wc_h: T.handle, c_h: T.handle,
+                   bar_h: T.handle):
+            T.func_attr({"global_symbol": symbol, "tirx.noalias": True})
+            Tn = T.int32()
+            Xg = T.match_buffer(xg_h, (Tn, B, 4 * H), dt)
+            Hs = T.match_buffer(hs_h, (Tn + 1, L), dt)
+            Wv = T.match_buffer(wv_h, (G * R4, NNZ), dt)
+            Wc = T.match_buffer(wc_h, (G * R4, NNZ), idt)
+            C = T.match_buffer(c_h, (G * U * B,), dt)
+            bar = T.match_buffer(bar_h, (1,), "int32")
+            body(Xg, Hs, Wv, Wc, C, bar, Tn)
+
+        return arrays
+
     @T.macro
     def cuda_body(Xg, Hs, Wv, Wc, C, bar, Tn):
         bx = T.launch_thread("blockIdx.x", G)
@@ -496,35 +528,8 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
             barrier(bar, seen, tx, t, G)
         store_c(C, bx, tx, cst, 0)
 
-    if not twin and P:
-        @T.prim_func
-        def kernel_p(xg_h: T.handle, hs_h: T.handle, wp_h: T.handle, c_h: T.handle, bar_h: T.handle):
-            T.func_attr({"global_symbol": spec.name, "tirx.noalias": True})
-            Tn = T.int32()
-            Xg = T.match_buffer(xg_h, (Tn, B, 4 * H), dt)
-            Hs = T.match_buffer(hs_h, (Tn + 1, L), dt)
-            Wp = T.match_buffer(wp_h, (G * R4, NNZ), "int32")
-            C = T.match_buffer(c_h, (G * U * B,), dt)
-            bar = T.match_buffer(bar_h, (1,), "int32")
-            cuda_body(Xg, Hs, Wp, Wp, C, bar, Tn)
-
-        return kernel_p
-
     if not twin:
-        @T.prim_func
-        def kernel(xg_h: T.handle, hs_h: T.handle, wv_h: T.handle, wc_h: T.handle, c_h: T.handle,
-                   bar_h: T.handle):
-            T.func_attr({"global_symbol": spec.name, "tirx.noalias": True})
-            Tn = T.int32()
-            Xg = T.match_buffer(xg_h, (Tn, B, 4 * H), dt)
-            Hs = T.match_buffer(hs_h, (Tn + 1, L), dt)
-            Wv = T.match_buffer(wv_h, (G * R4, NNZ), dt)
-            Wc = T.match_buffer(wc_h, (G * R4, NNZ), idt)
-            C = T.match_buffer(c_h, (G * U * B,), dt)
-            bar = T.match_buffer(bar_h, (1,), "int32")
-            cuda_body(Xg, Hs, Wv, Wc, C, bar, Tn)
-
-        return kernel
+        return entry(cuda_body, spec.name)
 
     @T.macro
     def twin_body(Xg, Hs, Wv, Wc, C, bar, Tn):
@@ -561,34 +566,7 @@ def make_kernel(spec: PersistentSparseSpec, *, twin: bool = False):
             for tx in range(NT):
                 store_c(C, bx, tx, cst, (bx * NT + tx) * CI)
 
-    if P:
-        @T.prim_func
-        def kernel_twin_p(xg_h: T.handle, hs_h: T.handle, wp_h: T.handle, c_h: T.handle, bar_h: T.handle):
-            T.func_attr({"global_symbol": spec.name + "_twin", "tirx.noalias": True})
-            Tn = T.int32()
-            Xg = T.match_buffer(xg_h, (Tn, B, 4 * H), dt)
-            Hs = T.match_buffer(hs_h, (Tn + 1, L), dt)
-            Wp = T.match_buffer(wp_h, (G * R4, NNZ), "int32")
-            C = T.match_buffer(c_h, (G * U * B,), dt)
-            bar = T.match_buffer(bar_h, (1,), "int32")
-            twin_body(Xg, Hs, Wp, Wp, C, bar, Tn)
-
-        return kernel_twin_p
-
-    @T.prim_func
-    def kernel_twin(xg_h: T.handle, hs_h: T.handle, wv_h: T.handle, wc_h: T.handle, c_h: T.handle,
-                    bar_h: T.handle):
-        T.func_attr({"global_symbol": spec.name + "_twin", "tirx.noalias": True})
-        Tn = T.int32()
-        Xg = T.match_buffer(xg_h, (Tn, B, 4 * H), dt)
-        Hs = T.match_buffer(hs_h, (Tn + 1, L), dt)
-        Wv = T.match_buffer(wv_h, (G * R4, NNZ), dt)
-        Wc = T.match_buffer(wc_h, (G * R4, NNZ), idt)
-        C = T.match_buffer(c_h, (G * U * B,), dt)
-        bar = T.match_buffer(bar_h, (1,), "int32")
-        twin_body(Xg, Hs, Wv, Wc, C, bar, Tn)
-
-    return kernel_twin
+    return entry(twin_body, spec.name + "_twin")
 
 
 def build_twin(spec: PersistentSparseSpec):
