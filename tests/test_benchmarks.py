@@ -46,3 +46,11 @@ def test_gpu_sparse_eval_benchmark_skips_cleanly_without_a_gpu(tmp_path):
         pytest.skip("a GPU is present: scripts/gpu_check.sh runs this benchmark for real")
     d = _run("gpu_sparse_eval.py", "--hidden", "24", "--batch", "2", "--seq", "3", tmp_path=tmp_path)
     assert d["skipped"].startswith("skipped: needs a CUDA GPU") and d["config"]["hidden"] == 24
+
+
+def test_gpu_sparse_eval_selfcheck_runs_its_code_on_the_cpu(tmp_path):
+    d = _run("gpu_sparse_eval.py", "--selfcheck", tmp_path=tmp_path)
+    assert d["selfcheck"] and [r["variant"] for r in d["rows"]] == ["nn.LSTM", "persistent kernels",
+                                                                   "SparseLSTM (auto)"]
+    assert d["routing"] is None and "not on CUDA" in d["auto_reason"]  # CPU: rule 1 does not apply
+
