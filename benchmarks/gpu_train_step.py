@@ -257,18 +257,24 @@ def run_target(target, base, sparse, x, g, *, repeats, warmup, timer, device):
     """Warm-up, then ``repeats`` interleaved rounds of every variant; one row per variant with
     the median, the ratio to nn.LSTM and what ran."""
     variants = make_variants(target, base, sparse, x, g)
-    info = {}
+    info, failed = {}, []
     for label, (setup, timed) in variants.items():
-        for i in range(warmup):
-            layers = []
-            before = _gemm_summary(device)
-            with recording_layer_backends(layers):
-                timer(setup, timed)
-            if i == warmup - 1:  # what the last warm-up call ran = what the timed calls run
-                info[label] = {"layers": layers if label != BASE else ["cuDNN"],
-                               "gemm_paths": None if label == BASE else _diff(_gemm_summary(device), before),
-                               "reasons": None if label == BASE else [list(v) for v in sparse.last_backend_reasons],
-                               "path": "cuDNN" if label == BASE else sparse.last_path}
+        try:
+            for i in range(warmup):
+                layers = []
+                before = _gemm_summary(device)
+                with recording_layer_backends(layers):
+                    timer(setup, timed)
+                if i == warmup - 1:  # what the last warm-up call ran = what the timed calls run
+                    info[label] = {"layers": layers if label != BASE else ["cuDNN"],
+                                   "gemm_paths": None if label == BASE else _diff(_gemm_summary(device), before),
+                                   "reasons": None if label == BASE else [list(v) for v in sparse.last_backend_reasons],
+                                   "path": "cuDNN" if label == BASE else sparse.last_path}
+        except Exception as e:  # noqa: BLE001 - a variant that fails is reported, the others still run
+            if label == BASE:
+                raise
+            failed.append({"variant": label, "error": f"{type(e).__name__}: {e}"})
+    variants = {k: v for k, v in variants.items() if k in info}
     times = {k: [] for k in variants}
     for _ in range(repeats):
         for label, (setup, timed) in variants.items():
@@ -280,7 +286,7 @@ def run_target(target, base, sparse, x, g, *, repeats, warmup, timer, device):
         backends = sorted(set(info[label]["layers"]))
         rows.append({"variant": label, "median_ms": med, "speedup": base_med / med,
                      "backend": "+".join(backends) or "?", **info[label], "runs_ms": ts})
-    return rows
+    return rows + failed
 
 
 def describe(target, a) -> str:
@@ -308,9 +314,20 @@ def run_all(a, device, dtype, timer) -> list[dict]:
         torch.manual_seed(1)
         x = torch.randn(a.seq, B, H, device=device, dtype=dtype, requires_grad=True)
         g = torch.randn(a.seq, B, H, device=device, dtype=dtype)
-        rows = run_target(target, base, sparse, x, g, repeats=a.repeats, warmup=a.warmup, timer=timer, device=device)
+        try:
+            rows = run_target(target, base, sparse, x, g, repeats=a.repeats, warmup=a.warmup, timer=timer,
+                              device=device)
+        except Exception as e:  # noqa: BLE001 - the other target still runs; main's exit code says so
+            import traceback
+
+            rows = [{"variant": "(all)", "error": f"{type(e).__name__}: {e}",
+                     "traceback": traceback.format_exc()[-3000:]}]
         out.append({"target": target, "shape": describe(target, a), "goal": GOALS[target], "rows": rows})
     return out
+
+
+def errors(results) -> list:
+    return [f"{r['target']}: {row['variant']}: {row['error']}" for r in results for row in r["rows"] if "error" in row]
 
 
 def markdown(results, head: str) -> str:
@@ -320,12 +337,15 @@ def markdown(results, head: str) -> str:
                   "| variant | median (ms) | speedup vs nn.LSTM | layer backends | GEMM paths (last warm-up step) |",
                   "|---|---|---|---|---|"]
         for row in r["rows"]:
+            if "error" in row:
+                lines.append(f"| {row['variant']} | failed: {row['error']} | | | |")
+                continue
             gp = row["gemm_paths"]
             gp = "; ".join(f"{m}: {dict(c)}" for m, c in gp.items()) if gp else "-"
             lines.append(f"| {row['variant']} | {row['median_ms']:.3f} | {row['speedup']:.2f}x | "
                          f"{', '.join(row['layers'])} | {gp} |")
         for row in r["rows"]:
-            if row["reasons"]:
+            if row.get("reasons"):
                 lines.append(f"\n{row['variant']}: rule verdicts (last layer call): "
                              + "; ".join(f"{n}: {w}" for n, w in row["reasons"]))
         lines.append("")
@@ -351,7 +371,7 @@ def main(argv=None) -> int:
         result.update(selfcheck=True, results=res)
         print(markdown(res, "selfcheck on the CPU (float64, tiny sizes; the times mean nothing)"))
         _write(a.json, result)
-        return 0
+        return 1 if errors(res) else 0
     if not torch.cuda.is_available():
         msg = "skipped: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was timed"
         print(msg)
@@ -374,7 +394,9 @@ def main(argv=None) -> int:
             f"{a.warmup} warm-up runs each")
     print(markdown(res, head))
     _write(a.json, result)
-    return 0
+    for err in errors(res):
+        print(f"error: {err}", file=sys.stderr)
+    return 1 if errors(res) else 0
 
 
 if __name__ == "__main__":

@@ -144,6 +144,33 @@ def test_gpu_train_step_bundle_holds_what_its_models_ask_for():
         assert fwd_bwd[0].spec["hidden_size"] == p.hidden_size
 
 
+def test_gpu_train_step_a_failing_variant_is_reported_and_the_others_still_run(monkeypatch):
+    """A variant that raises (e.g. a kernel the driver refuses) becomes an error row; the
+    baseline and the other variants are still timed, and main's exit code is 1."""
+    import torch
+
+    bench = _gpu_train_step()
+    orig = bench.make_variants
+
+    def broken(*args):
+        v = orig(*args)
+        setup, _ = v[bench.AUTO]
+        v[bench.AUTO] = (setup, lambda: (_ for _ in ()).throw(RuntimeError("launch refused")))
+        return v
+
+    monkeypatch.setattr(bench, "make_variants", broken)
+    base, sparse = bench.build_backward_models(8, torch.device("cpu"), torch.float64)
+    x = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    rows = bench.run_target("backward", base, sparse, x, torch.randn(3, 4, 8, dtype=torch.float64), repeats=2,
+                            warmup=1, timer=bench.wall_timer, device=torch.device("cpu"))
+    assert [r["variant"] for r in rows] == [bench.BASE, bench.PER_STEP, bench.AUTO]
+    assert rows[-1]["error"] == "RuntimeError: launch refused" and len(rows[1]["runs_ms"]) == 2
+    res = [{"target": "backward", "shape": "s", "goal": 1.5, "rows": rows}]
+    assert bench.errors(res) == ["backward: SparseLSTM: RuntimeError: launch refused"]
+    assert "| SparseLSTM | failed: RuntimeError: launch refused |" in bench.markdown(res, "h")
+    assert bench.main(["--selfcheck", "--only", "backward"]) == 1
+
+
 @pytest.mark.parametrize("args,msg", [(["--p", "1.5"], "--p must be in (0, 1)"),
                                       (["--repeats", "0"], "--repeats must be >= 1"),
                                       (["--warmup", "0"], "--warmup must be >= 1"),
