@@ -629,12 +629,13 @@ def sparse_persistent_forward(mod, input, hx=None):
     why = why_not_static(mod, input, hx)
     if why is None:
         mode = eval_mode()
+        packed = isinstance(input, PackedSequence)
+        device = (input.data if packed else input).device  # a PackedSequence has no .device
         kernels = (f"{MODE_ENV_VAR}=never (the persistent kernels are switched off)" if mode == "never"
-                   else _kernels_for(input.device))
+                   else _kernels_for(device))
         if isinstance(kernels, str):
             why = kernels
         else:
-            packed = isinstance(input, PackedSequence)
             x = input if packed else (input.transpose(0, 1) if mod.batch_first else input)
             B = int(input.batch_sizes[0]) if packed else x.shape[1]
             plan = _plan(mod, kernels, B, _DTYPES[(input.data if packed else x).dtype])
@@ -650,7 +651,7 @@ def sparse_persistent_forward(mod, input, hx=None):
                 except BundleError as e:  # a refused launch: never an error, cuDNN runs instead
                     why = f"persistent kernel launch failed: {e}"
                     _warn_once(("launch", str(e)), why + "; weight-sparse eval runs on nn.LSTM")
-                    _loaded[(input.device.index if input.device.index is not None
+                    _loaded[(device.index if device.index is not None
                              else torch.cuda.current_device(), str(bundle_path()))] = why
                 else:
                     mod.last_eval_routing = None if verdict is None else verdict.text()

@@ -132,6 +132,38 @@ def test_a_new_key_measures_again(fake_cuda):
     assert len(timer.calls) == 5
 
 
+def test_packed_input_is_routed_by_its_runs(fake_cuda, monkeypatch):
+    """A PackedSequence: the key holds T, the largest batch and the number of runs of equal
+    batch (the persistent path's launches per layer and direction), not every length."""
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+    def run_packed(mod, packed, hx, kernels, plan):
+        fake_cuda.runs += 1
+        data = torch.full((packed.data.shape[0], mod.hidden_size), PERSISTENT_VALUE)
+        return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), None
+
+    monkeypatch.setattr(pe, "_run_packed", run_packed)
+    timer = FakeTimer(1.0, 2.0)
+    pe.set_timer(timer)
+    m = _pruned(5, 8)
+    x = torch.randn(6, 4, 5)
+
+    def packed(lengths):
+        with torch.no_grad():
+            return m(pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False))[0]
+
+    out = packed([6, 3, 3, 1])  # runs of batch 4, 3, 1: 3 launches
+    assert isinstance(out, PackedSequence) and bool((out.data == PERSISTENT_VALUE).all())
+    assert m.last_path == "persistent_eval" and len(timer.calls) == 1
+    packed([6, 4, 4, 2])  # other lengths, again 3 runs, T 6, batch 4: the same verdict
+    assert len(timer.calls) == 1
+    packed([6, 5, 3, 1])  # 4 runs: measured again
+    assert len(timer.calls) == 2
+    assert {k[-6:-3] for k in pe.routing_verdicts()} == {("packed", 3, 4), ("packed", 4, 4)}
+    _eval(m, x)  # the padded input of the same T and batch is a key of its own
+    assert len(timer.calls) == 3
+
+
 def test_always_and_never_do_not_measure(fake_cuda, monkeypatch):
     timer = FakeTimer(3.0, 2.0)  # the kernels would lose: `always` runs them anyway
     pe.set_timer(timer)
