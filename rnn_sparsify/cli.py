@@ -230,6 +230,9 @@ def env_report(model_spec: Optional[str] = None) -> str:
     else:
         lines.append(f"kernel cache: {cache} (empty: not created yet)")
     lines.append(f"RNN_SPARSIFY_KERNELS: {os.environ.get('RNN_SPARSIFY_KERNELS') or 'unset'}")
+    lines.append("RNN_SPARSIFY_PERSISTENT_EVAL: " + (os.environ.get("RNN_SPARSIFY_PERSISTENT_EVAL") or "unset") +
+                 " (auto|always|never; auto: CUDA eval of a pruned SparseLSTM runs the persistent kernels only "
+                 "where the first call per shape measured them faster than nn.LSTM)")
     if model_spec:
         lines += ["", f"model {model_spec}:"] + _model_backends(model_spec)
     return "\n".join(lines) + "\n"

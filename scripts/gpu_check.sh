@@ -7,10 +7,11 @@
 #   scripts/gpu_check.sh run OUT_DIR    # on the GPU machine (no TVM, no network needed):
 #       installs the carried wheels, runs the gpu-marked tests (GEMM kernels, sparse persistent
 #       eval kernels, persistent training loops) and the benchmarks, writes pytest.log, bench.md, gpu_sparse_eval.md/.json,
-#       env.txt and status into OUT_DIR. Runs from a temporary
+#       gpu_train_step.md/.json, env.txt and status into OUT_DIR. Runs from a temporary
 #       folder, so the checkout's ./rnn_sparsify cannot shadow the installed wheel.
 #   scripts/gpu_check.sh rehearse OUT_DIR   # CPU rehearsal of `run` (CI: tests/test_gpu_check_script.py):
-#       the wheel in a fresh venv, imports + test collection from the run stage's folders.
+#       the wheel in a fresh venv, imports + test collection from the run stage's folders, and the
+#       benchmarks' CPU self-checks (gpu_train_step.py and gpu_sparse_eval.py --selfcheck).
 #
 # With the device tool (see /work/.library/device/README.md): run `prepare` here, then
 #   run(command="scripts/gpu_check.sh run $OUT", carry=[".whl", "bundles/gpu_check"], timeout_s=600)
@@ -48,19 +49,29 @@ persistent = [PersistentEvalRequest(40, 4, 40, "float32"), PersistentEvalRequest
 from rnn_sparsify.codegen.persistent_train import PersistentTrainRequest
 train = [PersistentTrainRequest(40, 4, 20, "float32", (4, 8, 4)), PersistentTrainRequest(72, 8, 47, "bfloat16")]
 m = compile_lstms(tests + bench_lstm_specs(), archs, out, persistent=persistent, persistent_train=train)
-# ... and the benchmark's (H 2304, 30 %, batch 4, bf16): fits an H100/H200 (sm_90), not an A100
+# ... and the benchmarks' shapes, for sm_90 only (the GPU machines are H100/H200; the eval kernel
+# at H 2304 and the 1500-unit forward training loop do not fit an A100's shared memory):
+# gpu_sparse_eval.py (H 2304, 30 %, batch 4, bf16) and gpu_train_step.py (bundle_requests: the
+# per-GEMM kernels and the persistent training loops of 2x1500/B20/SD 0.65 and 512/B64/coarse)
 if "sm_90" in archs:
-    import json, shutil, tempfile
+    import shutil, tempfile
     from pathlib import Path
-    from rnn_sparsify.codegen.aot import compile_persistent
     from rnn_sparsify.codegen.manifest import Manifest
+    sys.path.insert(0, "benchmarks")
+    from gpu_train_step import bundle_requests
+    step_lstms, step_train = bundle_requests()
     tmp = Path(tempfile.mkdtemp())
-    mb = compile_persistent([PersistentEvalRequest(2304, 4, nnz_bound(2304, 0.3), "bfloat16")], ["sm_90"], tmp)
-    for e in mb.kernels:
+    mb = compile_lstms(step_lstms, ["sm_90"], tmp, persistent=[PersistentEvalRequest(2304, 4, nnz_bound(2304, 0.3), "bfloat16")],
+                       persistent_train=step_train)
+    have = {e.key for e in m.kernels}
+    new = tuple(e for e in mb.kernels if e.key not in have)
+    for e in new:
         for f in (e.source, e.cubin, e.ptx):
-            shutil.copy2(tmp / f, Path(out) / f)
-    m = Manifest(kernels=m.kernels + mb.kernels, archs=m.archs, toolchain=m.toolchain, lstms=m.lstms)
+            if f:
+                shutil.copy2(tmp / f, Path(out) / f)
+    m = Manifest(kernels=m.kernels + new, archs=m.archs, toolchain=m.toolchain, lstms=m.lstms + mb.lstms)
     m.save(Path(out))
+    shutil.rmtree(tmp, ignore_errors=True)
 print(f"{out}: {len(m.kernels)} kernels for {archs}")
 PYEOF
     mkdir -p .whl
@@ -68,7 +79,7 @@ PYEOF
     $PY -m pip wheel -q --no-deps --no-build-isolation -w .whl .
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "cuda-bindings>=13,<14" cuda-pathfinder
-    ls -la .whl "$BUNDLE" | head -40
+    ls -la .whl "$BUNDLE" | head -40 || true  # head closing the pipe early is not a failure (SIGPIPE, rc 141)
     du -sh .whl "$BUNDLE"
 }
 
@@ -81,7 +92,9 @@ run() {
         nvidia-smi || true
         $PY -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))" || true
     } > "$OUT/env.txt" 2>&1
-    $PY -m pip install -q --no-index --no-deps .whl/*.whl >> "$OUT/env.txt" 2>&1
+    # WHEELS: the rehearsal installs only the project's wheel (the carried cuda-bindings wheel is
+    # built for the GPU machine's Python 3.12 and may not install on the CPU machine's Python)
+    $PY -m pip install -q --no-index --no-deps ${WHEELS:-.whl/*.whl} >> "$OUT/env.txt" 2>&1
     $PY -c "import tvm" 2>/dev/null && echo "note: TVM is installed here; the run does not use it" >> "$OUT/env.txt"
     export RNN_SPARSIFY_TEST_BUNDLE=$PWD/$BUNDLE
     # Run from a folder outside the checkout: from the repository root, ./rnn_sparsify (which
@@ -89,20 +102,29 @@ run() {
     OUT_ABS=$(cd "$OUT" && pwd)
     WORK=$(mktemp -d)
     cp tests/kernels/test_cuda_gpu.py tests/kernels/test_persistent_gpu.py tests/kernels/test_persistent_train_gpu.py \
-        benchmarks/gpu_sparse_eval.py "$WORK/"
+        benchmarks/gpu_sparse_eval.py benchmarks/gpu_train_step.py "$WORK/"
     printf '[pytest]\nmarkers =\n    gpu: needs a CUDA GPU\n' > "$WORK/pytest.ini"
     set +e
     (cd "$WORK" && $PY -c "import rnn_sparsify, rnn_sparsify.codegen.lstm_spec, rnn_sparsify.codegen.cli, rnn_sparsify.kernels.cuda_loader; print('rnn_sparsify from', rnn_sparsify.__file__)") > "$OUT_ABS/imports.log" 2>&1
     rc_imports=$?
     (cd "$WORK" && $PY -m pytest -q -rs -m gpu ${PYTEST_ARGS:-} test_cuda_gpu.py test_persistent_gpu.py test_persistent_train_gpu.py -p no:cacheprovider) > "$OUT_ABS/pytest.log" 2>&1
     rc_tests=$?
-    if [ -n "${PYTEST_ARGS:-}" ]; then rc_bench=0; else
+    if [ -n "${PYTEST_ARGS:-}" ]; then
+        # no benchmark runs with PYTEST_ARGS (the rehearsal, a rerun of some tests): only their
+        # CPU self-checks from the same folder (imports from the wheel, set-up code at tiny sizes)
+        (cd "$WORK" && $PY gpu_train_step.py --selfcheck && $PY gpu_sparse_eval.py --selfcheck) > "$OUT_ABS/bench_selfcheck.log" 2>&1
+        rc_bench=$?
+    else
         (cd "$WORK" && $PY -m rnn_sparsify.codegen.cli bench --bundle "$RNN_SPARSIFY_TEST_BUNDLE" --out "$OUT_ABS/bench.md") > "$OUT_ABS/bench.log" 2>&1
         rc_bench=$?
         # the sparse persistent eval kernels vs nn.LSTM (H 2304, 30 %, batch 4, bf16, T 35)
         (cd "$WORK" && $PY gpu_sparse_eval.py --bundle "$RNN_SPARSIFY_TEST_BUNDLE" --json "$OUT_ABS/gpu_sparse_eval.json") > "$OUT_ABS/gpu_sparse_eval.md" 2>&1
         rc_pbench=$?
         [ $rc_bench -eq 0 ] && rc_bench=$rc_pbench
+        # the training targets vs nn.LSTM: 2x1500/B20/SD 0.65 step, 512/B64 coarse backward (bf16, T 35)
+        (cd "$WORK" && $PY gpu_train_step.py --bundle "$RNN_SPARSIFY_TEST_BUNDLE" --json "$OUT_ABS/gpu_train_step.json") > "$OUT_ABS/gpu_train_step.md" 2>&1
+        rc_tbench=$?
+        [ $rc_bench -eq 0 ] && rc_bench=$rc_tbench
     fi
     set -e
     [ $rc_tests -eq 5 ] && [ -n "${PYTEST_ARGS:-}" ] && rc_tests=0  # collection only, all skipped
@@ -126,7 +148,7 @@ rehearse() {
     "$OUT/venv/bin/pip" install -q --no-deps .whl/rnn_sparsify-*.whl numpy networkx tqdm >> "$OUT/install.log" 2>&1
     BUNDLE="$OUT/bundle"  # collection only: an empty manifest, never the real bundle folder
     mkdir -p "$BUNDLE" && echo '{}' > "$BUNDLE/manifest.json"
-    PYTHON="$OUT/venv/bin/python" PYTEST_ARGS="--collect-only" run "$OUT/run"
+    PYTHON="$OUT/venv/bin/python" PYTEST_ARGS="--collect-only" WHEELS=".whl/rnn_sparsify-*.whl" run "$OUT/run"
 }
 
 case "${1:-}" in

@@ -1,5 +1,6 @@
 """CI rehearsal of `scripts/gpu_check.sh run` on the CPU: the carried wheel in a fresh venv,
-imported and collected from the folders the run stage uses (the source folder must not shadow
+imported and collected from the folders the run stage uses, and the GPU benchmarks' CPU
+self-checks run from there (the source folder must not shadow
 the wheel: from the repository root `rnn_sparsify.codegen` does not exist)."""
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ def test_gpu_check_run_stage_imports_the_wheel(tmp_path):
                          capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     status = (tmp_path / "run" / "status").read_text()
-    assert "imports rc=0" in status and "tests rc=0" in status, status
+    assert "imports rc=0" in status and "tests rc=0" in status and "bench rc=0" in status, status
+    # the benchmarks' CPU self-checks ran from the run stage's folder on the wheel
+    selfcheck = (tmp_path / "run" / "bench_selfcheck.log").read_text()
+    assert "| SparseLSTM, per-step GEMMs |" in selfcheck and "goal: >= 1.8x" in selfcheck, selfcheck
+    assert "routing verdict (auto, first call)" in selfcheck, selfcheck
     imported = (tmp_path / "run" / "imports.log").read_text()
     assert "site-packages" in imported and str(tmp_path) in imported, imported  # the wheel, not ./rnn_sparsify
     # the failure the run stage avoids: the same venv from the repository root

@@ -14,17 +14,28 @@ version). Where it does not apply, ``nn.LSTM.forward`` (cuDNN) runs, exactly as 
   GPU's arch, the hidden size, the dtype, a batch >= the call's and a non-zero bound >= the
   densest row of every ``W_hh`` (:func:`choose_entry`);
 * the entry's grid is co-resident on this GPU (occupancy API at load), else a warning and
-  cuDNN; a launch the driver refuses also falls back (with a warning), for good on that device.
+  cuDNN; a launch the driver refuses also falls back (with a warning), for good on that device;
+* **measured routing** (``RNN_SPARSIFY_PERSISTENT_EVAL``, :func:`eval_mode`; default ``auto``):
+  ``nn.LSTM`` on the same masked weights computes the same function, so the kernels run only
+  where they are faster. The first call for a key (:func:`routing_key`: GPU, arch and SM count,
+  sizes, layers, direction, batch, sequence length, dtype, bundle entries) times both paths
+  (:func:`time_paths`: CUDA events, one warm-up each, the median of a few interleaved runs), and
+  the verdict is cached for the process (:func:`routing_verdicts`); from then on the faster runs
+  (like ``torch.backends.cudnn.benchmark``). ``always``: the kernels whenever they apply (tests,
+  benchmarks of the kernels themselves); ``never``: nn.LSTM. A loss warns once per key.
 
 Only :func:`pack_ell`, :func:`choose_entry`, :func:`layer_forward` (with any ``launch``
-callable) and the rule (:func:`why_not_static`) are exercised without a GPU (the tests run
-:func:`layer_forward` on the kernel's CPU twin); the driver calls need cuda-bindings and a GPU.
+callable), the rule (:func:`why_not_static`) and the routing (with a fake timer,
+:func:`set_timer`) are exercised without a GPU (the tests run :func:`layer_forward` on the
+kernel's CPU twin); the driver calls need cuda-bindings and a GPU.
 """
 from __future__ import annotations
 
 import os
+import statistics
 import warnings
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,8 +51,12 @@ DENSE = "nn.LSTM"
 ENV_VAR = "RNN_SPARSIFY_KERNELS"
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
+MODE_ENV_VAR = "RNN_SPARSIFY_PERSISTENT_EVAL"
+MODES = ("auto", "always", "never")
+TIMING_REPEATS = 5  # timed runs per path on the first call for a key (after one warm-up each)
+
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_config: dict = {"path": None}
+_config: dict = {"path": None, "mode": None}
 _loaded: dict = {}  # (device index, bundle path) -> PersistentKernels | str (why not)
 _WARNED: set = set()
 
@@ -456,16 +471,171 @@ def _plan(mod, kernels, B: int, dtype: str):
     return plan
 
 
+# -- measured routing ----------------------------------------------------------------------
+
+def _check_mode(mode, source: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"{source}={mode!r}: expected one of {', '.join(MODES)} (auto: time the persistent "
+                         "kernels against nn.LSTM on the first call per shape and run the faster; always: the "
+                         "kernels whenever they apply; never: nn.LSTM)")
+    return mode
+
+
+def set_eval_mode(mode: Optional[str]) -> None:
+    """Routing of the persistent eval kernels for this process: ``"auto"`` | ``"always"`` |
+    ``"never"``; None: ``$RNN_SPARSIFY_PERSISTENT_EVAL`` (default ``auto``). ValueError otherwise."""
+    _config["mode"] = None if mode is None else _check_mode(mode, "set_eval_mode")
+
+
+def eval_mode() -> str:
+    """The routing mode in force: :func:`set_eval_mode`'s, else ``$RNN_SPARSIFY_PERSISTENT_EVAL``,
+    else ``"auto"``. An unknown value raises ValueError saying which are valid."""
+    if _config.get("mode"):
+        return _config["mode"]
+    env = os.environ.get(MODE_ENV_VAR)
+    return "auto" if env in (None, "") else _check_mode(env, MODE_ENV_VAR)
+
+
+@dataclass(frozen=True)
+class RoutingVerdict:
+    """What the first call for a key measured (milliseconds, medians) and which path runs."""
+
+    persistent_ms: float
+    dense_ms: float
+
+    @property
+    def persistent_wins(self) -> bool:
+        return self.persistent_ms < self.dense_ms  # a tie: nn.LSTM (the safe path)
+
+    @property
+    def winner(self) -> str:
+        return BACKEND if self.persistent_wins else DENSE
+
+    def text(self) -> str:
+        runs = "the persistent kernels run" if self.persistent_wins else "nn.LSTM runs"
+        return (f"measured {self.persistent_ms:.3g} ms vs nn.LSTM {self.dense_ms:.3g} ms on this GPU at this "
+                f"shape; {runs}")
+
+
+_VERDICTS: dict = {}  # routing key -> RoutingVerdict (process-wide)
+
+
+def routing_verdicts() -> dict:
+    """The cached verdicts: ``{routing key: RoutingVerdict}`` (a copy)."""
+    return dict(_VERDICTS)
+
+
+def clear_routing() -> None:
+    """Forget every verdict (the next call per key measures again)."""
+    _VERDICTS.clear()
+
+
+def _device_facts(device: torch.device) -> tuple:
+    if device.type != "cuda":  # only when a test stands in for CUDA
+        return (str(device),)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    p = torch.cuda.get_device_properties(idx)
+    return (idx, p.name, p.multi_processor_count)
+
+
+def routing_key(mod, x, kernels, plan) -> tuple:
+    """What a verdict holds for: the GPU (index, name, SM count) and the bundle's arch, the input
+    and hidden sizes, layers, direction, the input's layout (padded, or packed with its number
+    of runs of equal batch = launches per layer and direction), batch, sequence length, dtype
+    and the bundle entries (their content keys: the kernel's batch, grid, non-zero bound and
+    build). ``x``: the padded (T, B, I) input, or the PackedSequence."""
+    if isinstance(x, PackedSequence):
+        data, T, B = x.data, len(x.batch_sizes), int(x.batch_sizes[0])
+        layout = ("packed", len(_runs(x.batch_sizes)))
+    else:
+        data, (T, B, _) = x, x.shape
+        layout = ("padded",)
+    return (*_device_facts(data.device), kernels.arch, mod.input_size, mod.hidden_size, mod.num_layers,
+            bool(mod.bidirectional), *layout, B, T, _DTYPES.get(data.dtype, str(data.dtype)),
+            tuple(plan[k][0].key for k in sorted(plan)))
+
+
+def _cuda_stopwatch(device):
+    start = torch.cuda.Event(enable_timing=True)
+    start.record()
+
+    def stop() -> float:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    return stop
+
+
+def time_paths(paths: dict, device, *, repeats: int = TIMING_REPEATS, stopwatch=None) -> dict:
+    """``{name: median ms}`` of the callables ``paths`` (``{name: fn}``): one untimed warm-up call
+    each, then ``repeats`` interleaved rounds timed by ``stopwatch(device)`` (a start that
+    returns ``stop() -> ms``; default: CUDA events on the current stream)."""
+    stopwatch = stopwatch or _cuda_stopwatch
+    for fn in paths.values():
+        fn()
+    times: dict = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            stop = stopwatch(device)
+            fn()
+            times[name].append(stop())
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+_timing: dict = {"timer": time_paths}
+
+
+def set_timer(timer) -> None:
+    """Replace the routing's timer: ``timer({name: fn}, device) -> {name: ms}`` with names
+    ``BACKEND`` (the persistent kernels) and ``DENSE`` (``nn.LSTM.forward``); None: the default
+    :func:`time_paths`. Tests drive the routing with fakes through this."""
+    _timing["timer"] = timer or time_paths
+
+
+def _routed(mod, input, hx, x, kernels, plan, run):
+    """``(output or None, verdict)``: the persistent output (``run``: :func:`_run` or
+    :func:`_run_packed`) when the (cached or now measured) verdict says the kernels are faster,
+    else None (the caller runs nn.LSTM)."""
+    key = routing_key(mod, x, kernels, plan)
+    verdict = _VERDICTS.get(key)
+    held = {}
+    if verdict is None:
+        def persistent():
+            held["out"] = run(mod, x, hx, kernels, plan)
+            return held["out"]
+
+        def dense():
+            return torch.nn.LSTM.forward(mod, input, hx)
+
+        device = (input.data if isinstance(input, PackedSequence) else input).device
+        ms = _timing["timer"]({BACKEND: persistent, DENSE: dense}, device)
+        verdict = _VERDICTS[key] = RoutingVerdict(float(ms[BACKEND]), float(ms[DENSE]))
+        if not verdict.persistent_wins:
+            _warn_once(("slower", key), f"the sparse persistent eval kernels are slower than nn.LSTM here "
+                       f"({verdict.text()}); set {MODE_ENV_VAR}=always to run them anyway")
+    if not verdict.persistent_wins:
+        return None, verdict
+    return (held["out"] if "out" in held else run(mod, x, hx, kernels, plan)), verdict
+
+
 def sparse_persistent_forward(mod, input, hx=None):
-    """``nn.LSTM.forward`` on the persistent kernels, or None where they do not apply (the
-    caller runs ``nn.LSTM.forward``); records ``mod.last_eval_backend`` / ``last_eval_reason``."""
+    """``nn.LSTM.forward`` on the persistent kernels, or None where they do not apply or are
+    measured slower (the caller runs ``nn.LSTM.forward``); records ``mod.last_eval_backend`` /
+    ``last_eval_reason`` and ``mod.last_eval_routing`` (the measured verdict's text, None when
+    not measured: mode ``always``/``never`` or the kernels do not apply)."""
+    mod.last_eval_routing = None
     why = why_not_static(mod, input, hx)
     if why is None:
-        kernels = _kernels_for(input.device)
+        mode = eval_mode()
+        packed = isinstance(input, PackedSequence)
+        device = (input.data if packed else input).device  # a PackedSequence has no .device
+        kernels = (f"{MODE_ENV_VAR}=never (the persistent kernels are switched off)" if mode == "never"
+                   else _kernels_for(device))
         if isinstance(kernels, str):
             why = kernels
         else:
-            packed = isinstance(input, PackedSequence)
             x = input if packed else (input.transpose(0, 1) if mod.batch_first else input)
             B = int(input.batch_sizes[0]) if packed else x.shape[1]
             plan = _plan(mod, kernels, B, _DTYPES[(input.data if packed else x).dtype])
@@ -473,15 +643,24 @@ def sparse_persistent_forward(mod, input, hx=None):
                 why = plan
             else:
                 try:
-                    out = (_run_packed if packed else _run)(mod, x, hx, kernels, plan)
+                    run = _run_packed if packed else _run
+                    if mode == "always":
+                        out, verdict = run(mod, x, hx, kernels, plan), None
+                    else:
+                        out, verdict = _routed(mod, input, hx, x, kernels, plan, run)
                 except BundleError as e:  # a refused launch: never an error, cuDNN runs instead
                     why = f"persistent kernel launch failed: {e}"
                     _warn_once(("launch", str(e)), why + "; weight-sparse eval runs on nn.LSTM")
-                    _loaded[(input.device.index if input.device.index is not None
+                    _loaded[(device.index if device.index is not None
                              else torch.cuda.current_device(), str(bundle_path()))] = why
                 else:
-                    mod.last_eval_backend, mod.last_eval_reason = BACKEND, "sparse persistent kernels"
-                    return out
+                    mod.last_eval_routing = None if verdict is None else verdict.text()
+                    if out is not None:
+                        mod.last_eval_backend = BACKEND
+                        mod.last_eval_reason = "sparse persistent kernels" + (
+                            f" ({mod.last_eval_routing})" if verdict is not None else "")
+                        return out
+                    why = mod.last_eval_routing
     mod.last_eval_backend, mod.last_eval_reason = DENSE, why
     return None
 
@@ -581,5 +760,7 @@ def _run_packed(mod, packed, hx, kernels, plan):
     return PackedSequence(layer_in, bs, si, ui), (hn, cn)
 
 
-__all__ = ["BACKEND", "bank_aware_order", "choose_entry", "h_slots", "h_wavefronts", "layer_forward", "pack_ell", "pack_words", "row_nnz_max", "sparse_persistent_forward",
+__all__ = ["BACKEND", "MODES", "MODE_ENV_VAR", "RoutingVerdict", "bank_aware_order", "choose_entry", "clear_routing",
+           "eval_mode", "h_slots", "h_wavefronts", "layer_forward", "pack_ell", "pack_words", "routing_key",
+           "routing_verdicts", "row_nnz_max", "set_eval_mode", "set_timer", "sparse_persistent_forward", "time_paths",
            "unpack_ell", "unpack_words", "use_bundle", "why_not_static"]

@@ -81,6 +81,7 @@ def test_persistent_rule_runs_through_forward_on_the_twin(tvm, monkeypatch):
     monkeypatch.setattr(er, "_on_cuda", lambda inp: True)
     monkeypatch.setattr(pe, "why_not_static", lambda *a: None)
     monkeypatch.setattr(pe, "_kernels_for", lambda dev: kernels)
+    monkeypatch.setenv(pe.MODE_ENV_VAR, "always")  # the kernels themselves (routing: test_eval_routing.py)
     x = torch.randn(T, B, I)
     with torch.no_grad():
         y, (hn, cn) = m(x)

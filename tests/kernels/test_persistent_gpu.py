@@ -38,7 +38,9 @@ CASES = [
 @pytest.fixture(autouse=True)
 def bundle():
     pe.use_bundle(BUNDLE)
+    pe.set_eval_mode("always")  # the kernels themselves, not the measured routing (its own test below)
     yield
+    pe.set_eval_mode(None)
     pe.use_bundle(None)
 
 
@@ -120,3 +122,35 @@ def test_packed_sequence_matches_nn_lstm():
     torch.testing.assert_close(out.data.double(), ref.data, rtol=0, atol=5e-5)
     torch.testing.assert_close(hn.double(), rh, rtol=0, atol=5e-5)
     torch.testing.assert_close(cn.double(), rc, rtol=0, atol=2e-4)
+
+
+def test_auto_routing_measures_once_and_runs_the_faster_path():
+    """RNN_SPARSIFY_PERSISTENT_EVAL=auto (the default) on the real GPU: the first call times the
+    kernels against nn.LSTM (CUDA events), the verdict is cached (the timer runs once per key),
+    the path that runs is the measured winner, and its output is nn.LSTM's function. No
+    assertion about which path wins: that is what the GPU says."""
+    pe.set_eval_mode("auto")
+    pe.clear_routing()
+    calls = []
+
+    def counting(paths, device):
+        calls.append(sorted(paths))
+        return pe.time_paths(paths, device)
+
+    pe.set_timer(counting)
+    try:
+        m = _pruned(72, 1, False, 0.3, torch.bfloat16, seed=4)
+        x = torch.randn(9, 8, 36, device="cuda", dtype=torch.bfloat16)
+        with torch.inference_mode():
+            outs = [m(x)[0] for _ in range(3)]
+            dense = nn.LSTM.forward(m, x)[0]
+        assert len(calls) == 1, calls
+        (verdict,) = pe.routing_verdicts().values()
+        assert verdict.persistent_ms > 0 and verdict.dense_ms > 0
+        assert m.last_eval_routing == verdict.text() and "measured" in m.last_eval_routing
+        assert m.last_path == ("persistent_eval" if verdict.persistent_wins else "dense"), m.last_eval_reason
+        for out in outs:
+            torch.testing.assert_close(out.double(), dense.double(), rtol=0, atol=6e-2)
+    finally:
+        pe.set_timer(None)
+        pe.clear_routing()
