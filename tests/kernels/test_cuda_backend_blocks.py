@@ -160,24 +160,24 @@ def test_blockrows_missing_kernel_falls_back(fine):
 
 
 # -- a layer's training step: every GEMM on a kernel, gradients as on the reference ---------
-def _layer_grads(backend, cfg, p_in, p_h, seed):
+def _layer_grads(backend, cfg, p_in, p_h, seed, dtype=torch.float32):
     from rnn_sparsify.lstm_function import LayerPlan, LSTMLayerFunction, draw_kept_units
 
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, B, I, generator=g, requires_grad=True)
-    h0 = torch.randn(B, H, generator=g, requires_grad=True)
-    c0 = torch.randn(B, H, generator=g, requires_grad=True)
-    w_ih = (0.3 * torch.randn(4 * H, I, generator=g)).requires_grad_()
-    w_hh = (0.3 * torch.randn(4 * H, H, generator=g)).requires_grad_()
-    b_ih = torch.randn(4 * H, generator=g, requires_grad=True)
-    b_hh = torch.randn(4 * H, generator=g, requires_grad=True)
+
+    def leaf(*shape, scale=1.0):  # drawn in float32 (same values for every dtype), then cast
+        return (scale * torch.randn(*shape, generator=g)).to(dtype).requires_grad_()
+
+    x, h0, c0 = leaf(T, B, I), leaf(B, H), leaf(B, H)
+    w_ih, w_hh = leaf(4 * H, I, scale=0.3), leaf(4 * H, H, scale=0.3)
+    b_ih, b_hh = leaf(4 * H), leaf(4 * H)
     torch.manual_seed(seed)
     in_idx, in_scale = draw_kept_units(T, I, p_in, "cpu")
     rec_idx, rec_scale = draw_kept_units(T, H, p_h, "cpu")
     plan = LayerPlan(in_idx=in_idx, in_scale=in_scale, rec_idx=rec_idx, rec_scale=rec_scale,
                      gate_sparsity=cfg, backend=backend, record_selections=True)
     y, hn, cn = LSTMLayerFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, plan)
-    dy = torch.randn(y.shape, generator=g)
+    dy = torch.randn(y.shape, generator=g).to(dtype)
     (y * dy).sum().add_(hn.sum() + 0.5 * cn.sum()).backward()
     leaves = (x, h0, c0, w_ih, w_hh, b_ih)
     return [t.grad for t in leaves], plan.selections
@@ -219,3 +219,25 @@ def test_lstm_step_fine_on_blockrows_kernels(tvm):
     for method in ("fwd_input", "fwd_recurrent", "bwd_data_blockrows", "wgrad_blockrows"):
         assert set(paths[method]) == {"kernel"}, (method, paths[method])
     assert "bwd_data" not in paths and "wgrad" not in paths
+
+
+def test_lstm_step_fp16_on_the_row_kernel(tvm):
+    """A 16-bit sequence spec's input projection is the whole-row kernel (GatherRowsT: 4H as M,
+    transposed operands, the pipelined schedule emulated): one layer's training step with
+    every GEMM on the emulated fp16 kernels against the float64 reference on the same values
+    and masks (fp16 storage of activations and gradients: 2^-11 relative per rounding)."""
+    spec = LSTMSpec(input_size=I, hidden_size=H, batch=B, seq_len=T, dtype="float16",
+                    structured_dropout={"p_input": 0.5, "p_recurrent": 0.4})
+    gemms = spec.gemms()
+    specs = [s for _, s in gemms]
+    # the only fwd_input kernel of the bundle is the row kernel: fwd_input on "kernel" below is it
+    assert [s.kind for m, s in gemms if m == "fwd_input"] == ["gather_rows_t"], gemms
+    backend = _emulated(tvm, specs)
+    got, _ = _layer_grads(backend, None, 0.5, 0.4, seed=5, dtype=torch.float16)
+    want, _ = _layer_grads(REFERENCE, None, 0.5, 0.4, seed=5, dtype=torch.float64)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float16
+        torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2)
+    paths = backend.summary()
+    for method in ("fwd_input", "fwd_recurrent", "bwd_data", "wgrad"):
+        assert set(paths[method]) == {"kernel"}, (method, paths[method])
