@@ -27,9 +27,10 @@ compile --persistent-eval --hidden-size H --batch B --density D --dtype bfloat16
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
+
+from rnn_sparsify.codegen.bench import skipped_without_gpu, write_json
 
 
 KERNELS, AUTO, BASE = "persistent kernels", "SparseLSTM (auto)", "nn.LSTM"
@@ -130,12 +131,6 @@ def report(a, res, where: str) -> str:
     return "\n".join(lines)
 
 
-def _write(path, result):
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", default=None, help="kernel bundle with persistent eval entries")
@@ -158,13 +153,9 @@ def main(argv=None) -> int:
         res = measure(a, torch.device("cpu"), torch.float64, wall_stopwatch)
         result.update(selfcheck=True, **res)
         print(report(a, res, "selfcheck on the CPU (float64, tiny; the times mean nothing)"))
-        _write(a.json, result)
+        write_json(a.json, result)
         return 0
-    if not torch.cuda.is_available():
-        msg = "skipped: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was timed"
-        print(msg)
-        result["skipped"] = msg
-        _write(a.json, result)
+    if skipped_without_gpu(result, a.json):
         return 0
 
     from rnn_sparsify.kernels import persistent_eval as pe
@@ -175,7 +166,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0)
     result.update(gpu=gpu, **res)
     print(report(a, res, gpu))
-    _write(a.json, result)
+    write_json(a.json, result)
     return 0
 
 

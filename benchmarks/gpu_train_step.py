@@ -37,11 +37,12 @@ then records ``skipped``). Not a test: nothing asserts a time. The bundle needs 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from contextlib import contextmanager
+
+from rnn_sparsify.codegen.bench import skipped_without_gpu, write_json
 
 BASE = "nn.LSTM (cuDNN)"
 AUTO = "SparseLSTM"
@@ -352,12 +353,6 @@ def markdown(results, head: str) -> str:
     return "\n".join(lines)
 
 
-def _write(path, result):
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-
-
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     check_args(a)
@@ -370,13 +365,9 @@ def main(argv=None) -> int:
         res = run_all(a, torch.device("cpu"), torch.float64, wall_timer)
         result.update(selfcheck=True, results=res)
         print(markdown(res, "selfcheck on the CPU (float64, tiny sizes; the times mean nothing)"))
-        _write(a.json, result)
+        write_json(a.json, result)
         return 1 if errors(res) else 0
-    if not torch.cuda.is_available():
-        msg = "skipped: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was timed"
-        print(msg)
-        result["skipped"] = msg
-        _write(a.json, result)
+    if skipped_without_gpu(result, a.json):
         return 0
 
     from rnn_sparsify.kernels import cuda_backend
@@ -393,7 +384,7 @@ def main(argv=None) -> int:
             f"{result['cudnn']}, bundle {a.bundle}; CUDA events, medians of {a.repeats} interleaved runs after "
             f"{a.warmup} warm-up runs each")
     print(markdown(res, head))
-    _write(a.json, result)
+    write_json(a.json, result)
     for err in errors(res):
         print(f"error: {err}", file=sys.stderr)
     return 1 if errors(res) else 0

@@ -36,6 +36,32 @@ def bench_lstm_specs(configs: Sequence[tuple[int, int]] = PAPER_CONFIGS, seq_len
     ]
 
 
+NO_GPU = "skipped: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was timed"
+
+
+def write_json(path, result: dict) -> None:
+    """``result`` as indented JSON to ``path`` (nothing when ``path`` is None): the GPU benchmark
+    scripts' ``--json``."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def skipped_without_gpu(result: dict, json_path) -> bool:
+    """True when there is no CUDA GPU, after printing why and recording it as ``skipped`` in
+    ``result`` (written to ``json_path``): the GPU benchmark scripts then exit 0."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    print(NO_GPU)
+    result["skipped"] = NO_GPU
+    write_json(json_path, result)
+    return True
+
+
 def _time(fn: Callable[[], object], reps: int) -> float:
     """Median milliseconds of ``fn`` over ``reps`` runs, with CUDA events (after warm-up)."""
     import torch
