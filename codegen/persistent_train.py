@@ -360,11 +360,12 @@ def _make_fwd(spec: PersistentTrainSpec, twin: bool):
                     Cs[t + 1, bx * U * B + i * NT + tx] = gs[1] * Cs[t, bx * U * B + i * NT + tx] + gs[0] * gs[2]
                     Hs[t + 1, bx * U * B + i * NT + tx] = T.Cast(dt, gs[3] * T.tanh(Cs[t + 1, bx * U * B + i * NT + tx]))
 
-    if not twin:
+    def entry(body, symbol):
+        """The PrimFunc around ``body`` (the kernel's or the twin's)."""
         @T.prim_func
-        def kernel(xg_h: T.handle, idx_h: T.handle, w_h: T.handle, hs_h: T.handle, cs_h: T.handle, ac_h: T.handle,
-                   bar_h: T.handle, a: T.float32):
-            T.func_attr({"global_symbol": spec.name, "tirx.noalias": True})
+        def fwd(xg_h: T.handle, idx_h: T.handle, w_h: T.handle, hs_h: T.handle, cs_h: T.handle, ac_h: T.handle,
+                bar_h: T.handle, a: T.float32):
+            T.func_attr({"global_symbol": symbol, "tirx.noalias": True})
             Tn = T.int32()
             Xg = T.match_buffer(xg_h, (Tn, B, 4 * H), dt)
             idx = T.match_buffer(idx_h, (Tn, K), "int32")
@@ -373,41 +374,35 @@ def _make_fwd(spec: PersistentTrainSpec, twin: bool):
             Cs = T.match_buffer(cs_h, (Tn + 1, SB), f32)
             Ac = T.match_buffer(ac_h, (Tn, 4 * SB), f32)
             bar = T.match_buffer(bar_h, (1,), "int32")
-            bx = T.launch_thread("blockIdx.x", G)
-            tx = T.launch_thread("threadIdx.x", NT)
-            w_s = T.alloc_buffer((R4 * H,), dt, scope="shared.dyn")
-            idx_s = T.alloc_buffer((K,), "int32", scope="shared.dyn")
-            h_s = T.alloc_buffer((K * B,), f32, scope="shared.dyn")
-            part_s = T.alloc_buffer((NT * B,), f32, scope="shared.dyn")
-            acc = T.alloc_buffer((B,), f32, scope="local")
-            gs = T.alloc_buffer((4,), f32, scope="local")
-            seen = T.alloc_buffer((1,), "int32", scope="local")
-            load_w(W, bx, tx, w_s)
-            for t in range(Tn):
-                fetch(idx, Hs, t, tx, a, idx_s, h_s, 0)
-                T.tvm_storage_sync("shared")
-                fetch(idx, Hs, t, tx, a, idx_s, h_s, 1)
-                T.tvm_storage_sync("shared")
-                dot(tx, w_s, idx_s, h_s, part_s, acc)
-                T.tvm_storage_sync("shared")
-                cell(Xg, Hs, Cs, Ac, bx, tx, t, part_s, gs)
-                # grid barrier: h_t of every CTA is in Hs[t + 1] before anyone gathers it
-                barrier(bar, seen, tx, t, G)
+            body(Xg, idx, W, Hs, Cs, Ac, bar, a, Tn)
 
-        return kernel
+        return fwd
 
-    @T.prim_func
-    def kernel_twin(xg_h: T.handle, idx_h: T.handle, w_h: T.handle, hs_h: T.handle, cs_h: T.handle, ac_h: T.handle,
-                    bar_h: T.handle, a: T.float32):
-        T.func_attr({"global_symbol": spec.name + "_twin", "tirx.noalias": True})
-        Tn = T.int32()
-        Xg = T.match_buffer(xg_h, (Tn, B, 4 * H), dt)
-        idx = T.match_buffer(idx_h, (Tn, K), "int32")
-        W = T.match_buffer(w_h, (G * R4, H), dt)
-        Hs = T.match_buffer(hs_h, (Tn + 1, L), dt)
-        Cs = T.match_buffer(cs_h, (Tn + 1, SB), f32)
-        Ac = T.match_buffer(ac_h, (Tn, 4 * SB), f32)
-        bar = T.match_buffer(bar_h, (1,), "int32")
+    @T.macro
+    def cuda_body(Xg, idx, W, Hs, Cs, Ac, bar, a, Tn):
+        bx = T.launch_thread("blockIdx.x", G)
+        tx = T.launch_thread("threadIdx.x", NT)
+        w_s = T.alloc_buffer((R4 * H,), dt, scope="shared.dyn")
+        idx_s = T.alloc_buffer((K,), "int32", scope="shared.dyn")
+        h_s = T.alloc_buffer((K * B,), f32, scope="shared.dyn")
+        part_s = T.alloc_buffer((NT * B,), f32, scope="shared.dyn")
+        acc = T.alloc_buffer((B,), f32, scope="local")
+        gs = T.alloc_buffer((4,), f32, scope="local")
+        seen = T.alloc_buffer((1,), "int32", scope="local")
+        load_w(W, bx, tx, w_s)
+        for t in range(Tn):
+            fetch(idx, Hs, t, tx, a, idx_s, h_s, 0)
+            T.tvm_storage_sync("shared")
+            fetch(idx, Hs, t, tx, a, idx_s, h_s, 1)
+            T.tvm_storage_sync("shared")
+            dot(tx, w_s, idx_s, h_s, part_s, acc)
+            T.tvm_storage_sync("shared")
+            cell(Xg, Hs, Cs, Ac, bx, tx, t, part_s, gs)
+            # grid barrier: h_t of every CTA is in Hs[t + 1] before anyone gathers it
+            barrier(bar, seen, tx, t, G)
+
+    @T.macro
+    def twin_body(Xg, idx, W, Hs, Cs, Ac, bar, a, Tn):
         w_s = T.alloc_buffer((R4 * H,), dt)
         idx_s = T.alloc_buffer((K,), "int32")
         h_s = T.alloc_buffer((K * B,), f32)
@@ -428,7 +423,7 @@ def _make_fwd(spec: PersistentTrainSpec, twin: bool):
                     cell(Xg, Hs, Cs, Ac, bx, tx, t, part_s, gs)
             bar[0] = bar[0] + G  # grid barrier: step t+1 starts after every CTA's step t
 
-    return kernel_twin
+    return entry(twin_body, spec.name + "_twin") if twin else entry(cuda_body, spec.name)
 
 
 def _make_bwd(spec: PersistentTrainSpec, twin: bool):
@@ -579,13 +574,15 @@ def _make_bwd(spec: PersistentTrainSpec, twin: bool):
                             e[0] = e[0] + part_s[(((i * NT + tx) // B) * BS + s) * B + (i * NT + tx) % B]
                         DH[bx * U * B + i * NT + tx] = a * e[0]
 
-    if not twin:
-        if coarse:
+    def entry(body, symbol, selection):
+        """The PrimFunc around ``body`` (the kernel's or the twin's); ``selection``: with the
+        coarse selection's buffers ``Sq`` and ``Kp`` (the twin always takes them)."""
+        if selection:
             @T.prim_func
-            def kernel(dy_h: T.handle, ac_h: T.handle, cs_h: T.handle, idx_h: T.handle, wb_h: T.handle,
-                       dh_h: T.handle, dc_h: T.handle, dn_h: T.handle, bar_h: T.handle, sq_h: T.handle,
-                       kp_h: T.handle, a: T.float32):
-                T.func_attr({"global_symbol": spec.name, "tirx.noalias": True})
+            def bwd_sel(dy_h: T.handle, ac_h: T.handle, cs_h: T.handle, idx_h: T.handle, wb_h: T.handle,
+                        dh_h: T.handle, dc_h: T.handle, dn_h: T.handle, bar_h: T.handle, sq_h: T.handle,
+                        kp_h: T.handle, a: T.float32):
+                T.func_attr({"global_symbol": symbol, "tirx.noalias": True})
                 Tn = T.int32()
                 dY = T.match_buffer(dy_h, (Tn, SB), f32)
                 Ac = T.match_buffer(ac_h, (Tn, 4 * SB), f32)
@@ -598,44 +595,14 @@ def _make_bwd(spec: PersistentTrainSpec, twin: bool):
                 bar = T.match_buffer(bar_h, (1,), "int32")
                 Sq = T.match_buffer(sq_h, (Tn, H4), f32)
                 Kp = T.match_buffer(kp_h, (Tn, NSL), "int32")
-                bx = T.launch_thread("blockIdx.x", G)
-                tx = T.launch_thread("threadIdx.x", NT)
-                wb_s = T.alloc_buffer((U * H4,), dt, scope="shared.dyn")
-                mem_s = T.alloc_buffer((UM,), "int32", scope="shared.dyn")
-                part_s = T.alloc_buffer((NT * B,), f32, scope="shared.dyn")
-                dl_s = T.alloc_buffer((4 * U * B,), f32, scope="shared.dyn")
-                sc_s = T.alloc_buffer((NSL,), f32, scope="shared.dyn")
-                kp_s = T.alloc_buffer((NSL,), "int32", scope="shared.dyn")
-                acc = T.alloc_buffer((B,), f32, scope="local")
-                e = T.alloc_buffer((8,), f32, scope="local")
-                rk = T.alloc_buffer((2,), "int32", scope="local")
-                seen = T.alloc_buffer((1,), "int32", scope="local")
-                tl = T.alloc_buffer((1,), "int32", scope="local")
-                load_w(Wb, bx, tx, wb_s)
-                for tt in range(Tn):
-                    tl[0] = Tn - 1 - tt  # (a register: Tn-dependent index math must not become a kernel argument)
-                    elem(dY, Ac, Cs, DH, DC, Dn, bx, tx, tl[0], mem_s, dl_s, e)
-                    T.tvm_storage_sync("shared")
-                    norms(Sq, bx, tx, tl[0], dl_s, e)
-                    # grid barrier: dNet_t and its column norms from every CTA
-                    barrier(bar, seen, tx, tt, G)
-                    members(idx, bx, tx, tl[0], mem_s)
-                    scores(Sq, tx, tl[0], sc_s, e)
-                    T.tvm_storage_sync("shared")
-                    select(Kp, bx, tx, tl[0], sc_s, kp_s, rk)
-                    T.tvm_storage_sync("shared")
-                    zero_dropped(Dn, bx, tx, tl[0], kp_s, rk)
-                    dot(Dn, tl[0], tx, wb_s, mem_s, kp_s, part_s, acc, rk)
-                    T.tvm_storage_sync("shared")
-                    reduce(DH, bx, tx, a, mem_s, part_s, e, rk)
-                    T.tvm_storage_sync("shared")
+                body(dY, Ac, Cs, idx, Wb, DH, DC, Dn, bar, Sq, Kp, a, Tn)
 
-            return kernel
+            return bwd_sel
 
         @T.prim_func
-        def kernel_nc(dy_h: T.handle, ac_h: T.handle, cs_h: T.handle, idx_h: T.handle, wb_h: T.handle,
-                      dh_h: T.handle, dc_h: T.handle, dn_h: T.handle, bar_h: T.handle, a: T.float32):
-            T.func_attr({"global_symbol": spec.name, "tirx.noalias": True})
+        def bwd(dy_h: T.handle, ac_h: T.handle, cs_h: T.handle, idx_h: T.handle, wb_h: T.handle,
+                dh_h: T.handle, dc_h: T.handle, dn_h: T.handle, bar_h: T.handle, a: T.float32):
+            T.func_attr({"global_symbol": symbol, "tirx.noalias": True})
             Tn = T.int32()
             dY = T.match_buffer(dy_h, (Tn, SB), f32)
             Ac = T.match_buffer(ac_h, (Tn, 4 * SB), f32)
@@ -646,48 +613,54 @@ def _make_bwd(spec: PersistentTrainSpec, twin: bool):
             DC = T.match_buffer(dc_h, (SB,), f32)
             Dn = T.match_buffer(dn_h, (Tn, H4 * B), dt)
             bar = T.match_buffer(bar_h, (1,), "int32")
-            bx = T.launch_thread("blockIdx.x", G)
-            tx = T.launch_thread("threadIdx.x", NT)
-            wb_s = T.alloc_buffer((U * H4,), dt, scope="shared.dyn")
-            mem_s = T.alloc_buffer((UM,), "int32", scope="shared.dyn")
-            part_s = T.alloc_buffer((NT * B,), f32, scope="shared.dyn")
-            acc = T.alloc_buffer((B,), f32, scope="local")
-            e = T.alloc_buffer((8,), f32, scope="local")
-            rk = T.alloc_buffer((2,), "int32", scope="local")
-            seen = T.alloc_buffer((1,), "int32", scope="local")
-            tl = T.alloc_buffer((1,), "int32", scope="local")
-            load_w(Wb, bx, tx, wb_s)
-            for tt in range(Tn):
-                tl[0] = Tn - 1 - tt
-                elem(dY, Ac, Cs, DH, DC, Dn, bx, tx, tl[0], mem_s, part_s, e)
-                # grid barrier: dNet_t from every CTA
-                barrier(bar, seen, tx, tt, G)
-                members(idx, bx, tx, tl[0], mem_s)
-                T.tvm_storage_sync("shared")
-                dot(Dn, tl[0], tx, wb_s, mem_s, mem_s, part_s, acc, rk)
-                T.tvm_storage_sync("shared")
-                reduce(DH, bx, tx, a, mem_s, part_s, e, rk)
-                T.tvm_storage_sync("shared")
+            body(dY, Ac, Cs, idx, Wb, DH, DC, Dn, bar, None, None, a, Tn)  # no selection: Sq/Kp unused
 
-        return kernel_nc
+        return bwd
 
-    @T.prim_func
-    def kernel_twin(dy_h: T.handle, ac_h: T.handle, cs_h: T.handle, idx_h: T.handle, wb_h: T.handle,
-                    dh_h: T.handle, dc_h: T.handle, dn_h: T.handle, bar_h: T.handle, sq_h: T.handle,
-                    kp_h: T.handle, a: T.float32):
-        T.func_attr({"global_symbol": spec.name + "_twin", "tirx.noalias": True})
-        Tn = T.int32()
-        dY = T.match_buffer(dy_h, (Tn, SB), f32)
-        Ac = T.match_buffer(ac_h, (Tn, 4 * SB), f32)
-        Cs = T.match_buffer(cs_h, (Tn + 1, SB), f32)
-        idx = T.match_buffer(idx_h, (Tn, K), "int32")
-        Wb = T.match_buffer(wb_h, (G * U, H4), dt)
-        DH = T.match_buffer(dh_h, (SB,), f32)
-        DC = T.match_buffer(dc_h, (SB,), f32)
-        Dn = T.match_buffer(dn_h, (Tn, H4 * B), dt)
-        bar = T.match_buffer(bar_h, (1,), "int32")
-        Sq = T.match_buffer(sq_h, (Tn, H4), f32)
-        Kp = T.match_buffer(kp_h, (Tn, NSL), "int32")
+    @T.macro
+    def cuda_body(dY, Ac, Cs, idx, Wb, DH, DC, Dn, bar, Sq, Kp, a, Tn):
+        bx = T.launch_thread("blockIdx.x", G)
+        tx = T.launch_thread("threadIdx.x", NT)
+        wb_s = T.alloc_buffer((U * H4,), dt, scope="shared.dyn")
+        mem_s = T.alloc_buffer((UM,), "int32", scope="shared.dyn")
+        part_s = T.alloc_buffer((NT * B,), f32, scope="shared.dyn")
+        if coarse:
+            dl_s = T.alloc_buffer((4 * U * B,), f32, scope="shared.dyn")
+            sc_s = T.alloc_buffer((NSL,), f32, scope="shared.dyn")
+            kp_s = T.alloc_buffer((NSL,), "int32", scope="shared.dyn")
+        else:
+            dl_s = part_s  # elem's scratch for dNet: the partial sums' buffer (used after the barrier)
+            kp_s = mem_s  # not read: every slice is kept (kflag)
+        acc = T.alloc_buffer((B,), f32, scope="local")
+        e = T.alloc_buffer((8,), f32, scope="local")
+        rk = T.alloc_buffer((2,), "int32", scope="local")
+        seen = T.alloc_buffer((1,), "int32", scope="local")
+        tl = T.alloc_buffer((1,), "int32", scope="local")
+        load_w(Wb, bx, tx, wb_s)
+        for tt in range(Tn):
+            tl[0] = Tn - 1 - tt  # (a register: Tn-dependent index math must not become a kernel argument)
+            elem(dY, Ac, Cs, DH, DC, Dn, bx, tx, tl[0], mem_s, dl_s, e)
+            if coarse:
+                T.tvm_storage_sync("shared")
+                norms(Sq, bx, tx, tl[0], dl_s, e)
+            # grid barrier: dNet_t (and its column norms) from every CTA
+            barrier(bar, seen, tx, tt, G)
+            members(idx, bx, tx, tl[0], mem_s)
+            if coarse:
+                scores(Sq, tx, tl[0], sc_s, e)
+                T.tvm_storage_sync("shared")
+                select(Kp, bx, tx, tl[0], sc_s, kp_s, rk)
+                T.tvm_storage_sync("shared")
+                zero_dropped(Dn, bx, tx, tl[0], kp_s, rk)
+            else:
+                T.tvm_storage_sync("shared")
+            dot(Dn, tl[0], tx, wb_s, mem_s, kp_s, part_s, acc, rk)
+            T.tvm_storage_sync("shared")
+            reduce(DH, bx, tx, a, mem_s, part_s, e, rk)
+            T.tvm_storage_sync("shared")
+
+    @T.macro
+    def twin_body(dY, Ac, Cs, idx, Wb, DH, DC, Dn, bar, Sq, Kp, a, Tn):
         wb_s = T.alloc_buffer((U * H4,), dt)
         mem_s = T.alloc_buffer((UM,), "int32")
         part_s = T.alloc_buffer((NT * B,), f32)
@@ -726,7 +699,9 @@ def _make_bwd(spec: PersistentTrainSpec, twin: bool):
                 for tx in range(NT):  # cta_sync
                     reduce(DH, bx, tx, a, mem_s, part_s, e, rk)
 
-    return kernel_twin
+    if twin:
+        return entry(twin_body, spec.name + "_twin", True)
+    return entry(cuda_body, spec.name, coarse)
 
 
 def build_twin(spec: PersistentTrainSpec):
