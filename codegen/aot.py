@@ -86,6 +86,25 @@ def _nvcc(args: list[str], what: str) -> str:
     return r.stderr
 
 
+def _cubin(cu: str, folder: Path, base: str, symbol: str, arch: str) -> tuple[int | None, int | None, str]:
+    """Write ``base.cu`` into ``folder`` and build ``base.cubin`` (ptxas -v): ``(registers, spill
+    bytes, ptxas log)``, the numbers None where the log has no such line."""
+    (folder / f"{base}.cu").write_text(cu)
+    log = _nvcc(["--cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-o", str(folder / f"{base}.cubin"),
+                 str(folder / f"{base}.cu")], f"cubin {symbol} {arch}")
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None), log
+
+
+def _ptx(folder: Path, base: str, symbol: str, arch: str) -> dict:
+    """Build ``base.ptx`` beside the cubin; the entry's file fields of ``base`` (names, hashes)."""
+    _nvcc(["--ptx", "-O3", f"-arch={arch.replace('sm_', 'compute_')}", "-o", str(folder / f"{base}.ptx"),
+           str(folder / f"{base}.cu")], f"ptx {symbol} {arch}")
+    return dict(source=f"{base}.cu", cubin=f"{base}.cubin", cubin_sha256=file_hash(folder / f"{base}.cubin"),
+                ptx=f"{base}.ptx", ptx_sha256=file_hash(folder / f"{base}.ptx"))
+
+
 def build_entry(spec: IndexedGemm, arch: str, folder: Path, versions: dict[str, str]) -> KernelEntry:
     """Generate, compile and describe one kernel into ``folder`` (no cache)."""
     import tvm
@@ -111,13 +130,7 @@ def build_entry(spec: IndexedGemm, arch: str, folder: Path, versions: dict[str, 
     if {p.name for p in params} != expect:
         raise CodegenError(f"{symbol}: kernel parameters {[p.name for p in params]} != buffers {sorted(expect)}")
     base = f"{spec.name}.{arch}"
-    (folder / f"{base}.cu").write_text(cu)
-    log = _nvcc(["--cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-o", str(folder / f"{base}.cubin"),
-                 str(folder / f"{base}.cu")], f"cubin {symbol} {arch}")
-    _nvcc(["--ptx", "-O3", f"-arch={arch.replace('sm_', 'compute_')}", "-o", str(folder / f"{base}.ptx"),
-           str(folder / f"{base}.cu")], f"ptx {symbol} {arch}")
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores", log)
+    regs, spill, _ = _cubin(cu, folder, base, symbol, arch)
     return KernelEntry(
         key=entry_key(spec, arch, versions),
         spec=spec.to_dict(),
@@ -127,13 +140,9 @@ def build_entry(spec: IndexedGemm, arch: str, folder: Path, versions: dict[str, 
         grid=tuple(grid),
         block=tuple(block),
         dynamic_smem_bytes=0,  # the schedules use static shared memory only
-        source=f"{base}.cu",
-        cubin=f"{base}.cubin",
-        cubin_sha256=file_hash(folder / f"{base}.cubin"),
-        ptx=f"{base}.ptx",
-        ptx_sha256=file_hash(folder / f"{base}.ptx"),
-        registers=int(regs.group(1)) if regs else None,
-        spill_bytes=int(spill.group(1)) if spill else None,
+        **_ptx(folder, base, symbol, arch),
+        registers=regs,
+        spill_bytes=spill,
     )
 
 
@@ -146,12 +155,10 @@ def build_persistent_entry(spec, arch: str, folder: Path, versions: dict[str, st
     from .toolchain import import_tvm
 
     gen = persistent_train if getattr(spec, "kind", None) in persistent_train.KINDS else persistent_sparse
-    make_kernel, coresidency_problem = gen.make_kernel, gen.coresidency_problem
-
     tvm = import_tvm()
     _check_arch(arch)
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
-    mod = tvm.IRModule({spec.name: make_kernel(spec)})
+    mod = tvm.IRModule({spec.name: gen.make_kernel(spec)})
     lib = tvm.compile(mod, target=target)
     cu = lib.mod.imports[0].inspect_source("cuda")
     symbol = f"{spec.name}_kernel"
@@ -168,19 +175,12 @@ def build_persistent_entry(spec, arch: str, folder: Path, versions: dict[str, st
         raise CodegenError(f"{symbol}: TVM allocates {smem} B of dynamic shared memory, the spec expects "
                            f"{spec.smem_bytes()} B")
     base = f"{spec.name}.{arch}"
-    (folder / f"{base}.cu").write_text(cu)
-    log = _nvcc(["--cubin", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-o", str(folder / f"{base}.cubin"),
-                 str(folder / f"{base}.cu")], f"cubin {symbol} {arch}")
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores", log)
+    regs, spill, log = _cubin(cu, folder, base, symbol, arch)
     if regs is None:
         raise CodegenError(f"{symbol}: no register count in the ptxas log:\n{log[-1500:]}")
-    why = (coresidency_problem(spec, arch, int(regs.group(1)), smem) if gen is persistent_train
-           else coresidency_problem(spec, arch, int(regs.group(1))))
+    why = gen.coresidency_problem(spec, arch, regs, smem)
     if why:
         raise UnsupportedGemm(why)
-    _nvcc(["--ptx", "-O3", f"-arch={arch.replace('sm_', 'compute_')}", "-o", str(folder / f"{base}.ptx"),
-           str(folder / f"{base}.cu")], f"ptx {symbol} {arch}")
     return KernelEntry(
         key=entry_key(spec, arch, versions),
         spec=spec.to_dict(),
@@ -190,13 +190,9 @@ def build_persistent_entry(spec, arch: str, folder: Path, versions: dict[str, st
         grid=(spec.grid, 1, 1),
         block=(spec.threads, 1, 1),
         dynamic_smem_bytes=smem,
-        source=f"{base}.cu",
-        cubin=f"{base}.cubin",
-        cubin_sha256=file_hash(folder / f"{base}.cubin"),
-        ptx=f"{base}.ptx",
-        ptx_sha256=file_hash(folder / f"{base}.ptx"),
-        registers=int(regs.group(1)),
-        spill_bytes=int(spill.group(1)) if spill else None,
+        **_ptx(folder, base, symbol, arch),
+        registers=regs,
+        spill_bytes=spill,
         launch="cooperative",
     )
 

@@ -226,12 +226,15 @@ def blocks_per_sm(arch: str, threads: int, registers: int, smem_bytes: int) -> i
     return max(0, min(by_regs, by_smem, by_threads, lim["blocks_sm"]))
 
 
-def coresidency_problem(spec: PersistentSparseSpec, arch: str, registers: int) -> str | None:
-    """Why ``spec``'s grid cannot be co-resident on ``arch`` (None: it can)."""
+def coresidency_problem(spec: PersistentSparseSpec, arch: str, registers: int,
+                        smem_bytes: int | None = None) -> str | None:
+    """Why ``spec``'s grid cannot be co-resident on ``arch`` (None: it can); ``smem_bytes``: the
+    dynamic shared memory TVM allocates (the build checks it equals ``spec.smem_bytes()``, the
+    default)."""
     if arch not in ARCH_LIMITS:
         return f"no co-residency limits known for {arch} (known: {sorted(ARCH_LIMITS)})"
     lim = ARCH_LIMITS[arch]
-    smem = spec.smem_bytes()
+    smem = spec.smem_bytes() if smem_bytes is None else smem_bytes
     per_sm = blocks_per_sm(arch, spec.threads, registers, smem)
     if spec.grid <= per_sm * lim["sms"]:
         return None
