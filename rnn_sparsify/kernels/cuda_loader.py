@@ -22,6 +22,8 @@ import torch
 from rnn_sparsify.codegen.errors import BundleError
 from rnn_sparsify.codegen.gemm_gather import problem_key, spec_from_dict
 from rnn_sparsify.codegen.manifest import KernelEntry, Manifest, read_verified
+from rnn_sparsify.codegen.persistent_sparse import KIND as PERSISTENT_EVAL_KIND
+from rnn_sparsify.codegen.persistent_train import KINDS as PERSISTENT_TRAIN_KINDS
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                  "int32": torch.int32, "int64": torch.int64}
@@ -63,7 +65,7 @@ def _arch_num(arch: str) -> int:
     return int("".join(c for c in arch if c.isdigit()))
 
 
-_NOT_GEMMS = ("persistent_sparse_eval", "persistent_train_fwd", "persistent_train_bwd")
+_NOT_GEMMS = (PERSISTENT_EVAL_KIND, *PERSISTENT_TRAIN_KINDS)
 
 
 def choose_entries(manifest: Manifest, arch: str, *, allow_ptx_jit: bool = False, where: str = "bundle") -> list[tuple[KernelEntry, bool]]:

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from rnn_sparsify.codegen.persistent_train import KIND_BWD, KIND_FWD, KINDS
+
 from .layer import LayerBackend
 
 
@@ -244,8 +246,7 @@ class TrainKernels:
 
         self.path, self.device = Path(path), device
         arch = device_arch(device)
-        kinds = ("persistent_train_fwd", "persistent_train_bwd")
-        self.entries = [e for e in Manifest.load(self.path).kernels if e.spec.get("kind") in kinds and e.arch == arch]
+        self.entries = [e for e in Manifest.load(self.path).kernels if e.spec.get("kind") in KINDS and e.arch == arch]
         self._modules, self._fn, self.why = load_cooperative(self.path, device, self.entries)
 
     def launcher(self, entry) -> Callable[..., None]:
@@ -304,8 +305,8 @@ def match_entries(entries, problem):
     def key(e):  # the smallest kernels; of equal ones (several --sms grids) the largest grid
         return e.spec["batch"], e.spec["keep"], -e.spec["grid"]
 
-    fwd = sorted((e for e in entries if e.spec.get("kind") == "persistent_train_fwd" and fits(e)), key=key)
-    bwd = sorted((e for e in entries if e.spec.get("kind") == "persistent_train_bwd" and fits(e)), key=key)
+    fwd = sorted((e for e in entries if e.spec.get("kind") == KIND_FWD and fits(e)), key=key)
+    bwd = sorted((e for e in entries if e.spec.get("kind") == KIND_BWD and fits(e)), key=key)
     if not fwd or not bwd:
         return (f"no persistent training kernels in the bundle for hidden {H}, batch <= their batch {B}, "
                 f"{k} kept units, {dt}, coarse {coarse or 'none'} (rnn-sparsify compile --persistent-train)")
