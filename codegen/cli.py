@@ -184,23 +184,30 @@ def persistent_requests(args: argparse.Namespace, model=None) -> list:
     return list(dict.fromkeys(out))
 
 
-def persistent_train_requests(args: argparse.Namespace, sd, gs) -> list:
-    """``compile --persistent-train`` (an LSTM spec): the persistent training loops of its hidden
-    size, with the kept count of ``--p-recurrent`` and the coarse selection of ``--gate``."""
+def train_request(hidden_size: int, batch: int, sd, gs, dtype: str):
+    """The persistent training loops one LSTM needs: the kept count of its recurrent dropout
+    ``sd`` (all ``hidden_size`` units without) and the coarse selection of ``gs``; None when
+    ``gs`` is fine or meProp selection, which the loops do not fuse."""
     from rnn_sparsify.config import kept_count
 
     from .persistent_train import PersistentTrainRequest
 
-    H = args.hidden_size
-    keep = kept_count(H, sd.p_recurrent) if sd is not None and sd.p_recurrent > 0 else H
-    coarse = ()
-    if gs is not None:
-        if gs.mode != "coarse":
-            raise UnsupportedGemm(f"--persistent-train fuses coarse gate-gradient selection only, not {gs.mode} "
-                                  "(fine/meprop run on the per-step kernels): drop --persistent-train or use "
-                                  "--gate coarse:P,R,S")
-        coarse = (gs.P, gs.R, gs.S)
-    return [PersistentTrainRequest(H, args.batch, keep, args.dtype or "bfloat16", coarse)]
+    if gs is not None and gs.mode != "coarse":
+        return None
+    keep = kept_count(hidden_size, sd.p_recurrent) if sd is not None and sd.p_recurrent > 0 else hidden_size
+    coarse = (gs.P, gs.R, gs.S) if gs is not None else ()
+    return PersistentTrainRequest(hidden_size, batch, keep, dtype, coarse)
+
+
+def persistent_train_requests(args: argparse.Namespace, sd, gs) -> list:
+    """``compile --persistent-train`` (an LSTM spec): the persistent training loops of its hidden
+    size, with the kept count of ``--p-recurrent`` and the coarse selection of ``--gate``."""
+    req = train_request(args.hidden_size, args.batch, sd, gs, args.dtype or "bfloat16")
+    if req is None:
+        raise UnsupportedGemm(f"--persistent-train fuses coarse gate-gradient selection only, not {gs.mode} "
+                              "(fine/meprop run on the per-step kernels): drop --persistent-train or use "
+                              "--gate coarse:P,R,S")
+    return [req]
 
 
 def with_sms(requests: list, sms) -> list:
@@ -217,22 +224,18 @@ def persistent_train_requests_from_plan(plan) -> list:
     direction of an LSTM runs the same two kernels. An LSTM with fine or meProp gate sparsity
     gets none (those run on the per-step kernels; a line says so); if no LSTM can use them,
     ``UnsupportedGemm`` says why for each."""
-    from rnn_sparsify.config import config_from_dict, kept_count
-
-    from .persistent_train import PersistentTrainRequest
+    from rnn_sparsify.config import config_from_dict
 
     out, skipped = [], []
     for ls in plan.lstms:
-        H = ls.hidden_size
         sd = config_from_dict(ls.structured_dropout) if ls.structured_dropout else None
         gs = config_from_dict(ls.gate_sparsity) if ls.gate_sparsity else None
-        if gs is not None and gs.mode != "coarse":
-            skipped.append(f"{ls.name or 'LSTM'} (hidden {H}): {gs.mode} gate sparsity is not fused in the "
-                           "persistent loops (coarse only)")
+        req = train_request(ls.hidden_size, ls.batch, sd, gs, ls.dtype)
+        if req is None:
+            skipped.append(f"{ls.name or 'LSTM'} (hidden {ls.hidden_size}): {gs.mode} gate sparsity is not fused "
+                           "in the persistent loops (coarse only)")
             continue
-        keep = kept_count(H, sd.p_recurrent) if sd is not None and sd.p_recurrent > 0 else H
-        coarse = (gs.P, gs.R, gs.S) if gs is not None else ()
-        out.append(PersistentTrainRequest(H, ls.batch, keep, ls.dtype, coarse))
+        out.append(req)
     if not out:
         raise UnsupportedGemm("--persistent-train: no LSTM of the model can use the persistent training loops: "
                               + "; ".join(skipped))
