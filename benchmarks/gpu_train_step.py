@@ -92,9 +92,9 @@ def bundle_requests(step_hidden=1500, step_layers=2, step_batch=20, p=0.65, bwd_
     per-step path and the persistent loops (fwd + bwd) of the ``persistent_train`` rule.
     ``scripts/gpu_check.sh prepare`` builds these (sm_90: the 1500 forward loop does not fit an
     A100's shared memory)."""
+    from rnn_sparsify import GateGradientSparsity, StructuredDropout
     from rnn_sparsify.codegen.lstm_spec import LSTMSpec
-    from rnn_sparsify.codegen.persistent_train import PersistentTrainRequest
-    from rnn_sparsify.config import kept_count
+    from rnn_sparsify.codegen.persistent_train import train_request
 
     specs = [
         LSTMSpec(input_size=step_hidden, hidden_size=step_hidden, batch=step_batch, seq_len=seq,
@@ -104,8 +104,8 @@ def bundle_requests(step_hidden=1500, step_layers=2, step_batch=20, p=0.65, bwd_
                  gate_sparsity={"mode": "coarse", "P": COARSE[0], "R": COARSE[1], "S": COARSE[2]},
                  name=f"train_bwd_coarse_h{bwd_hidden}_b{bwd_batch}"),
     ]
-    train = [PersistentTrainRequest(step_hidden, step_batch, kept_count(step_hidden, p), dtype),
-             PersistentTrainRequest(bwd_hidden, bwd_batch, bwd_hidden, dtype, COARSE)]
+    train = [train_request(step_hidden, step_batch, StructuredDropout(p, p), None, dtype),
+             train_request(bwd_hidden, bwd_batch, None, GateGradientSparsity.coarse(*COARSE), dtype)]
     return specs, train
 
 

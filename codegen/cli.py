@@ -184,24 +184,11 @@ def persistent_requests(args: argparse.Namespace, model=None) -> list:
     return list(dict.fromkeys(out))
 
 
-def train_request(hidden_size: int, batch: int, sd, gs, dtype: str):
-    """The persistent training loops one LSTM needs: the kept count of its recurrent dropout
-    ``sd`` (all ``hidden_size`` units without) and the coarse selection of ``gs``; None when
-    ``gs`` is fine or meProp selection, which the loops do not fuse."""
-    from rnn_sparsify.config import kept_count
-
-    from .persistent_train import PersistentTrainRequest
-
-    if gs is not None and gs.mode != "coarse":
-        return None
-    keep = kept_count(hidden_size, sd.p_recurrent) if sd is not None and sd.p_recurrent > 0 else hidden_size
-    coarse = (gs.P, gs.R, gs.S) if gs is not None else ()
-    return PersistentTrainRequest(hidden_size, batch, keep, dtype, coarse)
-
-
 def persistent_train_requests(args: argparse.Namespace, sd, gs) -> list:
     """``compile --persistent-train`` (an LSTM spec): the persistent training loops of its hidden
     size, with the kept count of ``--p-recurrent`` and the coarse selection of ``--gate``."""
+    from .persistent_train import train_request
+
     req = train_request(args.hidden_size, args.batch, sd, gs, args.dtype or "bfloat16")
     if req is None:
         raise UnsupportedGemm(f"--persistent-train fuses coarse gate-gradient selection only, not {gs.mode} "
@@ -225,6 +212,8 @@ def persistent_train_requests_from_plan(plan) -> list:
     gets none (those run on the per-step kernels; a line says so); if no LSTM can use them,
     ``UnsupportedGemm`` says why for each."""
     from rnn_sparsify.config import config_from_dict
+
+    from .persistent_train import train_request
 
     out, skipped = [], []
     for ls in plan.lstms:

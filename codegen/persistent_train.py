@@ -741,6 +741,19 @@ class PersistentTrainRequest:
                               sms=self.sms)]
 
 
+def train_request(hidden_size: int, batch: int, sd, gs, dtype: str):
+    """The persistent training loops one LSTM needs: the kept count of its recurrent dropout
+    ``sd`` (all ``hidden_size`` units without) and the coarse selection of ``gs``; None when
+    ``gs`` is fine or meProp selection, which the loops do not fuse."""
+    from rnn_sparsify.config import kept_count
+
+    if gs is not None and gs.mode != "coarse":
+        return None
+    keep = kept_count(hidden_size, sd.p_recurrent) if sd is not None and sd.p_recurrent > 0 else hidden_size
+    coarse = (gs.P, gs.R, gs.S) if gs is not None else ()
+    return PersistentTrainRequest(hidden_size, batch, keep, dtype, coarse)
+
+
 __all__ = ["KINDS", "KIND_BWD", "KIND_FWD", "PersistentTrainRequest", "PersistentTrainSpec", "build_twin",
            "coresidency_problem", "cuda_source", "estimated_registers", "fits", "make_kernel", "max_hidden_size",
-           "spec_for_arch"]
+           "spec_for_arch", "train_request"]
