@@ -87,19 +87,11 @@ def explain_cuda(mod) -> str:
     """What ``eval()`` of ``mod`` runs on CUDA, in words (dry: no bundle is loaded)."""
     import torch
 
-    from .cpu_sparse_eval import _masked
-    from .persistent_eval import MODE_ENV_VAR, bundle_path, eval_mode, row_nnz_max
+    from .persistent_eval import MODE_ENV_VAR, bundle_path, eval_mode, row_nnz_max, why_not_module
 
-    static = None
-    if getattr(mod, "weight_sparsity", None) is None:
-        static = "no weight sparsity"
-    elif not hasattr(mod, "proj_size"):
-        static = "no persistent kernels for cells"
-    elif "hh" not in {m.kind for m in _masked(mod)}:
-        static = "W_hh is not masked"
-    elif mod.proj_size:
-        static = "proj_size > 0"
-    elif any(p.dtype not in (torch.float32, torch.float16, torch.bfloat16) for p in mod._flat_weights if p is not None):
+    static = why_not_module(mod)
+    if not static and any(p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+                          for p in mod._flat_weights if p is not None):
         static = "the kernels are float32, float16 or bfloat16"
     if static:
         return f"eval() on CUDA runs nn.LSTM (cuDNN) ({static})"

@@ -245,16 +245,27 @@ def describe_missing(entries, arch: str, hidden: int, batch: int, dtype: str, nn
 
 # -- the rule ----------------------------------------------------------------------------
 
-def why_not_static(mod, input, hx) -> Optional[str]:
-    """Why the persistent kernels do not apply to this call, before looking at a bundle."""
+def why_not_module(mod) -> Optional[str]:
+    """Why the persistent kernels can run no call of ``mod``, whatever its input (None: some can);
+    the part of :func:`why_not_static` that ``rnn-sparsify env`` reports ahead of a run."""
     from .cpu_sparse_eval import _masked
 
     if getattr(mod, "weight_sparsity", None) is None:
         return "no weight sparsity"
+    if not hasattr(mod, "proj_size"):
+        return "no persistent kernels for cells"
     if "hh" not in {m.kind for m in _masked(mod)}:
         return "W_hh is not masked (the recurrence would stay dense)"
     if mod.proj_size:
         return "proj_size > 0 (no projection kernels)"
+    return None
+
+
+def why_not_static(mod, input, hx) -> Optional[str]:
+    """Why the persistent kernels do not apply to this call, before looking at a bundle."""
+    why = why_not_module(mod)
+    if why:
+        return why
     packed = isinstance(input, PackedSequence)
     if packed:
         batch_sizes = input.batch_sizes
@@ -763,4 +774,4 @@ def _run_packed(mod, packed, hx, kernels, plan):
 __all__ = ["BACKEND", "MODES", "MODE_ENV_VAR", "RoutingVerdict", "bank_aware_order", "choose_entry", "clear_routing",
            "eval_mode", "h_slots", "h_wavefronts", "layer_forward", "pack_ell", "pack_words", "routing_key",
            "routing_verdicts", "row_nnz_max", "set_eval_mode", "set_timer", "sparse_persistent_forward", "time_paths",
-           "unpack_ell", "unpack_words", "use_bundle", "why_not_static"]
+           "unpack_ell", "unpack_words", "use_bundle", "why_not_module", "why_not_static"]
