@@ -460,14 +460,14 @@ def _plan(mod, kernels, B: int, dtype: str):
     if cached is not None and cached[0] == key:
         return cached[1]
     D = 2 if mod.bidirectional else 1
+    # the entries this GPU can run first (co-resident grids: the occupancy API at load); if
+    # none fits, the best of all of them, whose reason is then reported
+    usable = [e for e in kernels.entries if not isinstance(kernels.function(e), str)]
     plan = {}
     for layer in range(mod.num_layers):
         for d in range(D):
             _, w_hh, _, _, _ = _layer_params(mod, layer, d)
             nnz = row_nnz_max(w_hh)
-            # the entries this GPU can run first (co-resident grids: the occupancy API at load);
-            # if none fits, the best of all of them, whose reason is then reported
-            usable = [e for e in kernels.entries if not isinstance(kernels.function(e), str)]
             entry = (choose_entry(usable, kernels.arch, mod.hidden_size, B, dtype, nnz)
                      or choose_entry(kernels.entries, kernels.arch, mod.hidden_size, B, dtype, nnz))
             if entry is None:
